@@ -1,0 +1,20 @@
+"""autoquant: pick, per layer and per input shape, the quantized linear kernel that is fastest here.
+
+>>> from autoquant import autoquant
+>>> # model = autoquant(model, example_input)   # tunes, finalizes, returns the model
+>>> # autoquant.report(model)                   # what was chosen and why (a DataFrame)
+"""
+
+from .api import DEFAULT_CACHE, autoquant, finalize, get_report, report
+from .bench import BenchConfig, CountingTimer, CpuTimer, CudaTimer, FakeTimer
+from .config import CostModel, TuneConfig
+from .hardware import AUTOQUANT_VERSION as __version__
+from .keys import BenchKey, Measurement, OpShape, Timed
+from .store import MemoryStore, Store
+from .subclass import AutoQuantizableLinearWeight
+
+__all__ = [
+    "__version__", "autoquant", "finalize", "report", "get_report", "DEFAULT_CACHE",
+    "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
+    "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
+]

@@ -1,0 +1,365 @@
+"""The public verbs: ``autoquant``, ``finalize``, ``report``. Thin orchestration only.
+
+>>> import torch
+>>> from autoquant import autoquant
+>>> from autoquant.bench import FakeTimer
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+>>> model = autoquant(model, torch.randn(4, 32), cache=None, progress=False,
+...                   timer=FakeTimer(lambda key: 1e-5))
+>>> model(torch.randn(4, 32)).shape
+torch.Size([4, 8])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .bench import BenchConfig, Timer, default_timer
+from .candidates import Candidate, default_candidates, get_family
+from .config import CostModel, TuneConfig
+from .finalize import build_layer, copy_hooks, replace_module, restore_float
+from .hardware import environment
+from .keys import OpShape
+from .report import TuningReport
+from .selection import LayerPlan, is_baseline, select_layer
+from .store import MemoryStore, Store
+from .subclass import AutoQuantizableLinearWeight, LayerRecord
+from .tune import SafeStore, tune_ops
+
+__all__ = ["autoquant", "finalize", "report", "DEFAULT_CACHE", "get_report"]
+
+log = logging.getLogger("autoquant")
+
+
+class _DefaultCache:
+    def __repr__(self) -> str:
+        return "<default cache: $AUTOQUANT_CACHE_URL or the user cache dir>"
+
+
+DEFAULT_CACHE: Any = _DefaultCache()
+_SESSION_ATTR = "_autoquant_session"
+_REPORT_ATTR = "_autoquant_report"
+_process_store: MemoryStore | None = None
+
+
+@dataclass
+class _Session:
+    """What autoquant() set up and finalize() consumes; lives on the model until finalize."""
+
+    config: TuneConfig
+    layers: dict[str, nn.Linear]
+    records: dict[str, LayerRecord]
+    skipped: dict[str, str]
+    candidates: tuple[Candidate | str, ...] | None
+    cache: Any
+    timer: Timer | None
+    progress: bool
+    hooks: list[Any] = field(default_factory=list)
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The module that owns the layers: a torch.compile wrapper's original module, else itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _parse_candidates(candidates: Iterable[Any] | None) -> tuple[Candidate | str, ...] | None:
+    """Candidate instances stay as given; family names are checked now and expanded per device
+    and dtype at tuning time."""
+    if candidates is None:
+        return None
+    out: list[Candidate | str] = []
+    for c in candidates:
+        if isinstance(c, Candidate):
+            out.append(c)
+        elif isinstance(c, str):
+            get_family(c)  # raises KeyError naming the known families
+            out.append(c)
+        else:
+            raise TypeError(f"candidates must be Candidate instances or family names, got {c!r}")
+    if not out:
+        raise ValueError("candidates=[] selects nothing: pass family names such as 'int8_dynamic', or None for all")
+    return tuple(dict.fromkeys(out))
+
+
+def _select_layers(root: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """The nn.Linear layers to tune, and why the others are left alone."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    layers: dict[str, nn.Linear] = {}
+    skipped: dict[str, str] = {}
+    for name, mod in root.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            skipped[name] = "excluded by filter_fn"
+            continue
+        w = mod.weight
+        if isinstance(w, AutoQuantizableLinearWeight):
+            skipped[name] = "already being recorded"
+            continue
+        if len(owners.get(id(w), [])) > 1:
+            skipped[name] = f"weight shared with {', '.join(o for o in owners[id(w)] if not o.startswith(name + '.'))}: kept float"
+            continue
+        if w.device.type == "meta":
+            skipped[name] = "weight on the meta device (not loaded): kept float"
+            continue
+        if w.device.type not in ("cpu", "cuda"):
+            skipped[name] = f"weight on {w.device.type}: only cpu and cuda are tuned"
+            continue
+        if not w.dtype.is_floating_point:
+            skipped[name] = f"weight dtype {w.dtype} is not floating point"
+            continue
+        if not bool(torch.isfinite(w.detach()).all()):
+            skipped[name] = "weight holds NaN or Inf: kept float"
+            continue
+        layers[name] = mod
+    return layers, skipped
+
+
+def autoquant(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    candidates: Sequence[Any] | None = None,
+    mode: Any = ("interpolate", 0.85),
+    manual: bool = False,
+    min_sqnr: float | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    cache: Any = DEFAULT_CACHE,
+    progress: bool = True,
+    timer: Timer | None = None,
+    bench: BenchConfig | None = None,
+) -> nn.Module:
+    """Prepare `model` (in place) so each nn.Linear ends up on its fastest kernel here.
+
+    - `example_input`: a tensor, a tuple of positional args or a dict of kwargs. Given (and
+      manual=False), the model is run on it, tuned and finalized before this returns.
+    - No example_input, manual=False: the FIRST forward call records, tunes, finalizes, and
+      returns the quantized model's output.
+    - manual=True: run any number of forwards yourself, then call ``autoquant.finalize(model)``.
+    - `candidates`: family names ('int8_dynamic', ...) or Candidate instances; default: every
+      kernel this device offers. The float baseline is always a candidate.
+    - `mode`: 'relu' or ('interpolate', c): the cost model (see DESIGN.md section 4).
+    - `min_sqnr`: per-layer accuracy floor in dB, measured on the layer's recorded activations.
+    - `filter_fn(module, name) -> bool`: which nn.Linear layers to consider.
+    - `cache`: a path or SQL URL, a Store, or None for memory only; default $AUTOQUANT_CACHE_URL
+      or a SQLite file in the user cache dir (see ``autoquant cache path``).
+    - `timer` / `bench`: the timing harness and its settings (tests pass a fake timer).
+
+    Changes no global state (inductor flags, TF32, logging config). Works on a plain module and on
+    a ``torch.compile``-d one. Returns `model`.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    >>> m = autoquant(m, manual=True, cache=None, progress=False)
+    >>> _ = m(torch.randn(2, 16))
+    >>> m = autoquant.finalize(m)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"autoquant expects an nn.Module, got {type(model).__name__}")
+    root = _root(model)
+    if hasattr(root, _SESSION_ATTR):
+        raise RuntimeError(
+            "autoquant() was already called on this model and is waiting for data: run forward "
+            "passes and then autoquant.finalize(model), instead of calling autoquant() again"
+        )
+    if hasattr(root, _REPORT_ATTR):
+        log.warning("autoquant: this model was already tuned and finalized; returning it unchanged "
+                    "(see autoquant.report(model))")
+        return model
+    config = TuneConfig(
+        cost_model=CostModel.parse(mode), min_sqnr=min_sqnr,
+        candidates=None, bench=bench or BenchConfig(),
+    )
+    layers, skipped = _select_layers(root, filter_fn)
+    if not layers:
+        log.warning("autoquant: no nn.Linear layer to tune in %s%s", type(root).__name__,
+                    f" ({len(skipped)} skipped: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else "")
+    records: dict[str, LayerRecord] = {}
+    for name, lin in layers.items():
+        records[name] = LayerRecord(name, max_rows=config.activation_rows)
+        lin.weight = nn.Parameter(AutoQuantizableLinearWeight.wrap(lin.weight, records[name]),
+                                  requires_grad=lin.weight.requires_grad)
+    session = _Session(config, layers, records, skipped, _parse_candidates(candidates), cache, timer, progress)
+    object.__setattr__(root, _SESSION_ATTR, session)
+    if example_input is not None:
+        with torch.no_grad():
+            _call(root, example_input)
+        if not manual:
+            finalize(model)
+    elif not manual:
+        session.hooks.append(model.register_forward_pre_hook(_first_call_hook, with_kwargs=True))
+    return model
+
+
+def _call(module: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, Mapping):
+        return module(**example_input)
+    if isinstance(example_input, tuple):
+        return module(*example_input)
+    return module(example_input)
+
+
+def _first_call_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """First forward: record on the eager module, tune, finalize; the forward then proceeds on the
+    finalized model, so the caller gets the quantized model's output."""
+    root = _root(model)
+    session: _Session | None = getattr(root, _SESSION_ATTR, None)
+    if session is None:
+        return None
+    for handle in session.hooks:
+        handle.remove()
+    session.hooks.clear()
+    with torch.no_grad():
+        root(*args, **kwargs)
+    finalize(model)
+    return None
+
+
+def _store_for(cache: Any, custom_timer: bool) -> tuple[Store, str | None]:
+    """The store for `cache`. cache=None keeps measurements in memory: one store per process for
+    the real harness, a fresh one per call when a custom timer is injected (its figures must never
+    be mistaken for real timings by a later call)."""
+    global _process_store
+    if cache is None:
+        if custom_timer:
+            return MemoryStore(), None
+        if _process_store is None:
+            _process_store = MemoryStore()
+        return _process_store, None
+    if hasattr(cache, "get_many") and hasattr(cache, "put_many"):
+        return cache, None
+    from .cache_db import default_cache_url, open_store_or_memory  # noqa: PLC0415 - SQL only when used
+
+    return open_store_or_memory(default_cache_url() if cache is DEFAULT_CACHE else cache)
+
+
+def _candidates_for(op: OpShape, device: torch.device, chosen: tuple[Candidate | str, ...] | None) -> list[Candidate]:
+    base = get_family("float")(kernel="aten")
+    defaults = default_candidates(device, op.torch_dtype)
+    if chosen is None:
+        return list(dict.fromkeys([base, *defaults]))
+    cands: list[Candidate] = []
+    for c in chosen:
+        cands.extend([x for x in defaults if x.family == c] if isinstance(c, str) else [c])
+    return list(dict.fromkeys([base, *cands]))
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Tune what the recorded forwards saw and swap every layer for its winner; returns `model`.
+
+    Layers never called stay float and are listed as unseen in ``autoquant.report(model)``.
+    Interrupting (Ctrl-C) leaves every layer in float and the cache consistent.
+    """
+    root = _root(model)
+    session: _Session | None = getattr(root, _SESSION_ATTR, None)
+    if session is None:
+        if hasattr(root, _REPORT_ATTR):
+            log.warning("autoquant.finalize: model already finalized; nothing to do")
+            return model
+        raise RuntimeError("autoquant.finalize(model) needs autoquant(model, manual=True) first")
+    started = time.perf_counter()
+    try:
+        tuning = _tune_session(session)
+    except BaseException:
+        for lin in session.layers.values():
+            restore_float(lin)
+        for handle in session.hooks:
+            handle.remove()
+        object.__delattr__(root, _SESSION_ATTR)
+        raise
+    plans, envs, store_desc, warnings_ = tuning
+    for name, lin in session.layers.items():
+        plan = plans[name]
+        new = None
+        try:
+            new = build_layer(plan, lin)
+        except Exception as exc:  # the model must never be taken down by one layer
+            plan.status = f"kept float: building the winner failed ({type(exc).__name__}: {exc})"
+            plan.winner, plan.dispatch, plan.cost = None, None, plan.baseline_cost
+            log.warning("layer %s %s", name, plan.status)
+        if new is None:
+            restore_float(lin)
+        else:
+            copy_hooks(lin, new)
+            new.train(lin.training)
+            replace_module(root, name, new)
+    for handle in session.hooks:
+        handle.remove()
+    object.__delattr__(root, _SESSION_ATTR)
+    rep = TuningReport(
+        layers=[plans[n] for n in session.layers], skipped=dict(session.skipped), environments=envs,
+        cost_model=session.config.cost_model, min_sqnr=session.config.min_sqnr, cache=store_desc,
+        seconds=time.perf_counter() - started, warnings=warnings_,
+    )
+    object.__setattr__(root, _REPORT_ATTR, rep)
+    rep.log_summary()
+    return model
+
+
+def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], str, list[str]]:
+    warnings_: list[str] = []
+    store, problem = _store_for(session.cache, session.timer is not None)
+    if problem:
+        warnings_.append(problem)
+    safe = SafeStore(store)
+    by_device: dict[torch.device, dict[OpShape, list[Candidate]]] = {}
+    for name, lin in session.layers.items():
+        device = lin.weight.device
+        for op in session.records[name].counts:
+            if op.m > 0:
+                by_device.setdefault(device, {})[op] = _candidates_for(op, device, session.candidates)
+    trials: dict[torch.device, dict] = {}
+    envs = []
+    for device, ops in by_device.items():
+        env = environment(device)
+        envs.append(env)
+        timer = session.timer or default_timer(device, session.config.bench)
+        trials[device] = tune_ops(ops, device, safe, timer, session.config, progress=session.progress, env=env)
+    if safe.failure:
+        warnings_.append(safe.failure)
+    plans: dict[str, LayerPlan] = {}
+    for name, lin in session.layers.items():
+        rec = session.records[name]
+        ops = {op: n for op, n in rec.counts.items() if op.m > 0}
+        weight = lin.weight.unwrap() if isinstance(lin.weight, AutoQuantizableLinearWeight) else lin.weight.detach()
+        bias = None if lin.bias is None else lin.bias.detach()
+        device_trials = trials.get(weight.device, {})
+        plans[name] = select_layer(name, ops, device_trials, weight, bias, rec.activations(), session.config)
+    timed_any = any(t.ok for dev in trials.values() for per in dev.values() for t in per.values())
+    if by_device and not timed_any:
+        msg = "autoquant: NOTHING could be timed (every candidate failed or no timing backend): the model stays float"
+        log.error("%s", msg)
+        warnings_.append(msg)
+    return plans, envs, safe.describe(), warnings_
+
+
+def get_report(model: nn.Module) -> TuningReport:
+    """The full TuningReport object of a finalized model."""
+    rep = getattr(_root(model), _REPORT_ATTR, None)
+    if rep is None:
+        if hasattr(_root(model), _SESSION_ATTR):
+            raise RuntimeError("this model is still recording: call autoquant.finalize(model) first")
+        raise RuntimeError("this model was not tuned by autoquant: call autoquant(model, example_input) first")
+    return rep
+
+
+def report(model: nn.Module, *, long: bool = False):  # -> pandas.DataFrame
+    """Per-layer DataFrame: layer, shapes and counts, each candidate's cost (µs) or why it was not
+    run, winner and kernel, speedup over the float baseline, SQNR. `long=True`: one row per
+    (layer, candidate) instead."""
+    rep = get_report(model)
+    return rep.to_long_frame() if long else rep.to_frame()
+
+
+# `from autoquant import autoquant` users can write autoquant.finalize(model) / autoquant.report(model).
+autoquant.finalize = finalize  # type: ignore[attr-defined]
+autoquant.report = report  # type: ignore[attr-defined]

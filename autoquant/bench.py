@@ -1,0 +1,304 @@
+"""Timing you can trust (DESIGN.md section 5): CUDA-graph replays on GPU, a careful timer on CPU.
+
+The tuner hands the harness a group of :class:`BenchJob` for ONE op (every candidate of it); the
+harness times them interleaved so drift and a neighbour's load hit all of them alike, and returns
+one :class:`~autoquant.keys.Measurement` per job. Timers are injectable: tests pass
+:class:`FakeTimer`, a deterministic function of the job's key, wrapped in :class:`CountingTimer`.
+
+>>> import torch
+>>> from autoquant.keys import BenchKey, OpShape, Timed
+>>> key = BenchKey("e", "float", "{}", 1, OpShape(4, 8, 8, False, "float32"), Timed.FULL)
+>>> x, w = torch.randn(4, 8), torch.randn(8, 8)
+>>> [m] = CpuTimer(BenchConfig(rounds=3, min_block_s=1e-4)).measure([BenchJob(key, lambda: x @ w)], torch.device("cpu"))
+>>> m.samples
+3
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from .keys import BenchKey, Measurement
+
+__all__ = ["BenchConfig", "BenchJob", "Timer", "CpuTimer", "CudaTimer", "FakeTimer", "CountingTimer", "time_callables",
+           "default_timer", "quantiles"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Harness settings. CPU: `rounds` interleaved samples per job, each a block of repetitions
+    lasting at least `min_block_s`. CUDA: `cuda_samples` event-timed graph replays per job."""
+
+    rounds: int = 9
+    min_block_s: float = 2e-3
+    warmup_s: float = 5e-3
+    max_reps: int = 10_000
+    cpu_threads: int | None = None  # None: torch's current thread count, held fixed while timing
+    cuda_samples: int = 50
+    l2_flush_mb: int = 256
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.cuda_samples < 1:
+            raise ValueError("BenchConfig needs rounds >= 1 and cuda_samples >= 1")
+        if self.min_block_s <= 0:
+            raise ValueError("BenchConfig.min_block_s must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """One thing to time: `fn()` runs the op once (inputs already bound), `key` says what it is."""
+
+    key: BenchKey
+    fn: Callable[[], Any] = field(compare=False)
+
+
+class Timer(Protocol):
+    def quick(self, job: BenchJob, device: torch.device) -> float:
+        """A rough seconds-per-call from a couple of calls, to screen out hopeless candidates."""
+        ...
+
+    def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        """One Measurement per job, in order. Jobs are all for the same op; a job whose fn raises
+        propagates the exception (the tuner times candidates one by one first, so this is rare)."""
+        ...
+
+
+def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(p25, median, p75) with linear interpolation; a single sample gives it three times."""
+    if not samples:
+        raise ValueError("no samples to summarise")
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _summary(samples: Sequence[float], load: float | None) -> Measurement:
+    p25, med, p75 = quantiles(samples)
+    return Measurement(median_s=med, p25_s=p25, p75_s=p75, samples=len(samples), load_avg=load)
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int | None) -> Iterator[int]:
+    """Hold torch's intra-op thread count at `n` (or the current one) and restore it after."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class CpuTimer:
+    """Interleaved block timing with perf_counter.
+
+    Each job is warmed up, then calibrated to a repetition count whose block lasts at least
+    `min_block_s` (well above the timer's resolution). Then `rounds` rounds run every job's block
+    once, in an order rotated each round; a sample is block time / reps. Garbage collection is
+    paused while timing so a collection never lands inside one candidate's block.
+    """
+
+    def __init__(self, config: BenchConfig | None = None) -> None:
+        self.config = config or BenchConfig()
+
+    def _calibrate(self, fn: Callable[[], Any]) -> int:
+        cfg = self.config
+        deadline = time.perf_counter() + cfg.warmup_s
+        fn()
+        while time.perf_counter() < deadline:
+            fn()
+        reps = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= cfg.min_block_s or reps >= cfg.max_reps:
+                return reps
+            # Aim a little above the target so the next try usually suffices.
+            grow = 2 if elapsed <= 0 else min(100.0, 1.3 * cfg.min_block_s / elapsed)
+            reps = min(cfg.max_reps, max(reps + 1, int(reps * grow)))
+
+    def quick(self, job: BenchJob, device: torch.device) -> float:
+        with fixed_threads(self.config.cpu_threads), torch.no_grad():
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                job.fn()
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        if not jobs:
+            return []
+        cfg = self.config
+        gc_was_enabled = gc.isenabled()
+        with fixed_threads(cfg.cpu_threads), torch.no_grad():
+            reps = [self._calibrate(job.fn) for job in jobs]
+            samples: list[list[float]] = [[] for _ in jobs]
+            gc.disable()
+            try:
+                for r in range(cfg.rounds):
+                    for i in _rotated(len(jobs), r):
+                        fn, n = jobs[i].fn, reps[i]
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            fn()
+                        samples[i].append((time.perf_counter() - t0) / n)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+        load = _load_avg()
+        return [_summary(s, load) for s in samples]
+
+
+def _rotated(n: int, r: int) -> list[int]:
+    start = r % n
+    return list(range(start, n)) + list(range(start))
+
+
+class CudaTimer:
+    """CUDA-graph replays timed with events, L2 flushed before each sample.
+
+    Warm-up (compilation, autotuning, lazy init) runs before capture, on a side stream as graph
+    capture requires. If a job cannot be captured (a kernel that syncs or allocates on the host),
+    it is timed as plain eager launches between events instead, and still L2-flushed.
+    """
+
+    def __init__(self, config: BenchConfig | None = None) -> None:
+        self.config = config or BenchConfig()
+
+    def _capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            torch.cuda.synchronize(device)
+            return graph.replay
+        except Exception:  # capture unsupported for this kernel: fall back to eager launches
+            torch.cuda.synchronize(device)
+            return fn
+
+    def quick(self, job: BenchJob, device: torch.device) -> float:
+        with torch.no_grad():
+            job.fn()
+            best = math.inf
+            for _ in range(2):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                job.fn()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+
+    def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        if not jobs:
+            return []
+        cfg = self.config
+        with torch.no_grad():
+            runners = [self._capture(job.fn, device) for job in jobs]
+            flush = torch.empty(cfg.l2_flush_mb << 20, dtype=torch.uint8, device=device)
+            samples: list[list[float]] = [[] for _ in jobs]
+            for r in range(cfg.cuda_samples):
+                for i in _rotated(len(jobs), r):
+                    flush.zero_()
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    runners[i]()
+                    end.record()
+                    end.synchronize()
+                    samples[i].append(start.elapsed_time(end) / 1e3)
+            del flush
+        return [_summary(s, None) for s in samples]
+
+
+def default_timer(device: torch.device, config: BenchConfig | None = None) -> Timer:
+    """The real harness for `device`."""
+    if device.type == "cuda":
+        return CudaTimer(config)
+    return CpuTimer(config)
+
+
+class FakeTimer:
+    """Deterministic timer for tests: `cost(key) -> seconds`; runs each fn once so a failing
+    candidate still fails as it would under the real harness (set `run=False` to skip that)."""
+
+    def __init__(self, cost: Callable[[BenchKey], float], *, spread: float = 0.0, run: bool = True) -> None:
+        self.cost = cost
+        self.spread = spread
+        self.run = run
+
+    def quick(self, job: BenchJob, device: torch.device) -> float:
+        if self.run:
+            job.fn()
+        return float(self.cost(job.key))
+
+    def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        out = []
+        for job in jobs:
+            if self.run:
+                job.fn()
+            t = float(self.cost(job.key))
+            half = t * self.spread
+            out.append(Measurement(median_s=t, p25_s=t - half, p75_s=t + half, samples=1))
+        return out
+
+
+class CountingTimer:
+    """Wraps a timer and counts what it was asked to time: `calls` (measure calls), `quick_calls`
+    (screening calls) and `keys` (every key measured). A warm cache leaves all three at zero."""
+
+    def __init__(self, inner: Timer) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.quick_calls = 0
+        self.keys: list[BenchKey] = []
+
+    def quick(self, job: BenchJob, device: torch.device) -> float:
+        self.quick_calls += 1
+        return self.inner.quick(job, device)
+
+    def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        self.calls += 1
+        self.keys.extend(job.key for job in jobs)
+        return self.inner.measure(jobs, device)
+
+
+def time_callables(fns: dict[str, Callable[[], Any]], device: torch.device,
+                   config: BenchConfig | None = None) -> dict[str, Measurement]:
+    """Time named zero-argument callables side by side (interleaved) with the real harness:
+    e.g. a float model against its autoquantized copy, for an end-to-end speedup."""
+    from .keys import OpShape, Timed  # noqa: PLC0415 - local: keys only label the jobs here
+
+    op = OpShape(1, 1, 1, False, "float32")
+    jobs = [BenchJob(BenchKey("adhoc", name, "{}", 0, op, Timed.FULL), fn) for name, fn in fns.items()]
+    timed = default_timer(device, config).measure(jobs, device)
+    return dict(zip(fns, timed))

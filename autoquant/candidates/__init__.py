@@ -1,0 +1,97 @@
+"""Candidate families behind one protocol (DESIGN.md section 3), and the default list per device.
+
+Importing this package registers every family (float, int8_weight_only, int8_dynamic,
+int4_weight_only, fp8_weight_only, fp8_dynamic). It queries no device: device facts are read when
+``default_candidates`` or a ``supports()`` is called.
+
+>>> import torch
+>>> cands = default_candidates(torch.device("cpu"), torch.float32)
+>>> cands[0].name
+'float(kernel=aten, compute_dtype=None)'
+>>> all(candidate_from_json(c.family, c.params_json()) == c for c in cands)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import float as _float  # noqa: F401  (registers the family)
+from . import fp8 as _fp8  # noqa: F401
+from . import int4_weight_only as _int4  # noqa: F401
+from . import int8_dynamic as _int8_dynamic  # noqa: F401
+from . import int8_weight_only as _int8_weight_only  # noqa: F401
+from .base import Candidate, QuantizedLinear, candidate_from_json, families, get_family, register
+from .float import FloatCandidate
+from .fp8 import Fp8Dynamic, Fp8WeightOnly
+from .int4_weight_only import Int4WeightOnly
+from .int8_dynamic import Int8Dynamic
+from .int8_weight_only import Int8WeightOnly
+
+__all__ = [
+    "Candidate", "QuantizedLinear", "register", "get_family", "families", "candidate_from_json",
+    "default_candidates", "FloatCandidate", "Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly",
+    "Fp8WeightOnly", "Fp8Dynamic",
+]
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def _cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether oneDNN reports native bf16 / fp16 compute on this CPU (AMX, avx512_bf16, ...)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+def _float_cpu(dtype: torch.dtype) -> list[Candidate]:
+    out: list[Candidate] = [FloatCandidate("aten")]
+    if dtype == torch.float32:
+        out += [FloatCandidate("onednn"), FloatCandidate("fbgemm_fp16")]
+        out += [FloatCandidate("aten", name) for name, dt in (("bfloat16", torch.bfloat16),
+                                                               ("float16", torch.float16))
+                if _cpu_has_native(dt)]
+    else:
+        # bf16 / fp16 models: float32 compute is often far faster on CPUs without native units.
+        out += [FloatCandidate("aten", "float32"), FloatCandidate("onednn", "float32"),
+                FloatCandidate("fbgemm_fp16", "float32")]
+        if _cpu_has_native(dtype):
+            out.append(FloatCandidate("onednn"))
+    return out
+
+
+def _float_cuda(dtype: torch.dtype) -> list[Candidate]:
+    out: list[Candidate] = [FloatCandidate("aten")]
+    if dtype == torch.float32:
+        out += [FloatCandidate("aten", "bfloat16"), FloatCandidate("aten", "float16")]
+    return out
+
+
+def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candidate]:
+    """Every (family, params, kernel) instance worth timing on `device` for `dtype` activations.
+
+    The float baseline ``float(kernel=aten)`` comes first. Kernels for another device type are left
+    out; instances that cannot run some shape stay in and say why through ``supports()``, and a few
+    are in the list knowing ``supports()`` declines them here (e.g. CPU int_mm), so the report
+    names the reason. Left out everywhere: ``int8_weight_only(kernel=dequant)``, which
+    materializes the float weight on every call and can never beat the baseline (build it
+    explicitly when wanted). fp8_weight_only keeps its dequant kernel, its only one.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        out = _float_cuda(dtype)
+        out += [Int8WeightOnly("int8pack"), Int8WeightOnly("triton")]
+        out += [Int8Dynamic("int_mm"), Int8Dynamic("triton")]
+        out += [Int4WeightOnly(k, g) for k in ("tinygemm", "triton") for g in INT4_GROUP_SIZES]
+        out += [Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm"), Fp8Dynamic("triton")]
+        return out
+    out = _float_cpu(dtype)
+    out += [Int8WeightOnly("int8pack")]
+    out += [Int8Dynamic("fbgemm"), Int8Dynamic("onednn"), Int8Dynamic("int_mm")]
+    out += [Int4WeightOnly("tinygemm_cpu", g) for g in INT4_GROUP_SIZES]
+    out += [Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm")]
+    return out

@@ -1,0 +1,119 @@
+"""Small helpers shared by the family modules: dtype names, device facts, lazy Triton ops.
+
+Nothing here runs at import time: device facts are read when a family's ``supports()`` asks, and
+``autoquant.kernels`` is imported on first use (it pulls in Triton).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..keys import parse_dtype
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_NAMES = ("float32", "bfloat16", "float16")
+
+
+def op_dtype(op_dtype_name: str) -> torch.dtype | None:
+    """The torch dtype an OpShape names, or None for a name torch does not know."""
+    try:
+        return parse_dtype(op_dtype_name)
+    except ValueError:
+        return None
+
+
+def bad_dtype_reason(name: str, dtype: torch.dtype | None, allowed: tuple[torch.dtype, ...]) -> str | None:
+    if dtype in allowed:
+        return None
+    names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+    return f"{name} takes {names} activations, not {str(dtype).removeprefix('torch.')}"
+
+
+def not_cpu_reason(name: str, device: torch.device) -> str | None:
+    return None if device.type == "cpu" else f"{name} is a CPU kernel (device is {device.type})"
+
+
+def not_cuda_reason(name: str, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"{name} is a CUDA kernel (device is {device.type})"
+    if not torch.cuda.is_available():
+        return f"{name}: CUDA is not available in this process"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{name}: no CUDA device {device.index} (this process sees {torch.cuda.device_count()})"
+    return None
+
+
+def cpu_scalar_only_reason(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Reason to skip CPU int8pack / int4pack kernels for non-bf16 activations below AVX-512.
+
+    torch's CPU ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` have AVX2 micro-kernels
+    for bf16 activations only; float32 / float16 take a scalar loop, measured here (AVX2) 7x (M=1)
+    to 60x (M=128) slower than F.linear. Timing them at large M would cost minutes per op.
+    """
+    if device.type != "cpu" or dtype == torch.bfloat16:
+        return None
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
+    return (f"{name}: on this CPU ({torch.backends.cpu.get_cpu_capability()}) only bf16 activations have a "
+            "vectorized kernel; float32/float16 run a scalar loop measured 7-60x slower than F.linear: "
+            "not worth timing")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device (cached; queried on first use, never at import)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)
+
+
+def min_capability_reason(name: str, device: torch.device, need: tuple[int, int]) -> str | None:
+    cap = cuda_capability(device)
+    if cap < need:
+        return f"{name} needs compute capability sm{need[0]}{need[1]}+, this GPU is sm{cap[0]}{cap[1]}"
+    return None
+
+
+def triton_op(name: str) -> tuple[Callable[..., Any] | None, str | None]:
+    """(the ``autoquant.kernels`` function `name`, None), or (None, why it is unavailable)."""
+    try:
+        from .. import kernels
+    except Exception as exc:  # a broken optional dependency must not break supports()
+        return None, f"autoquant.kernels failed to import ({type(exc).__name__}: {exc})"
+    if not getattr(kernels, "HAS_TRITON", False):
+        why = getattr(kernels, "TRITON_IMPORT_ERROR", None) or "import failed"
+        return None, f"Triton is not available ({why})"
+    fn = getattr(kernels, name, None)
+    if fn is None:
+        return None, f"autoquant.kernels has no op {name!r} in this build"
+    return fn, None
+
+
+def require_triton_op(name: str) -> Callable[..., Any]:
+    fn, reason = triton_op(name)
+    if fn is None:
+        raise RuntimeError(reason)
+    return fn
+
+
+def scales_by_dtype(scale: Tensor) -> dict[torch.dtype, Tensor]:
+    """A float scale vector in each activation dtype, made once in ``prepare`` so no call casts it.
+
+    Kernels such as CPU ``_weight_int8pack_mm`` insist the scales share the activation dtype; the
+    packed state keeps them float32 and each reference mirrors the cast.
+    """
+    return {dt: scale.to(dt) for dt in FLOAT_DTYPES}
+
+
+def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    """``y + bias`` in y's dtype (bias cast when the model keeps it in another dtype)."""
+    if bias is None:
+        return y
+    return y.add_(bias.to(y.dtype))

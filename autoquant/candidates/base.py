@@ -1,0 +1,198 @@
+"""The candidate protocol (DESIGN.md section 3) and the one finalized-layer module all share.
+
+A candidate is a family plus typed params, the kernel choice among them: a frozen dataclass, so it
+is hashable, comparable and round-trips through JSON. Families register by name.
+
+Contract of a family (subclass of :class:`Candidate`):
+
+- ``supports(device, op) -> str | None``: None if this kernel can run `op` on `device`, else the
+  reason, kept in the report. Never raises for a device/shape it cannot handle.
+- ``quantize(weight) -> dict[str, Tensor]``: the packed state, plain tensors only (int8 data, scales,
+  zeros, ...) so it saves as safetensors. ``weight`` is the float [N, K] nn.Linear weight.
+- ``prepare(packed) -> object``: runtime-only state rebuilt from the packed tensors (e.g. fbgemm's
+  prepacked handle); never saved. Default: None.
+- ``linear(x2d, packed, runtime, bias) -> Tensor``: the fast path on a 2-D [M, K] activation,
+  returns [M, N] in x's dtype.
+- ``reference(x2d, packed, bias) -> Tensor``: plain-PyTorch math of exactly what the kernel
+  computes (same rounding of activations), used by tests and as documentation.
+- ``matmul_part(x2d, packed, runtime, bias) -> Callable[[], Tensor] | None``: for dynamic-activation
+  schemes, a closure that runs the matmul alone on an activation quantized up front (the
+  `interpolate` cost model's t_mm); None for the others.
+
+>>> from autoquant.candidates import get_family
+>>> c = get_family("float")(kernel="aten")
+>>> layer = c.build(torch.randn(4, 8), None)
+>>> layer(torch.randn(3, 8)).shape
+torch.Size([3, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..keys import OpShape, canonical_json
+
+__all__ = ["Candidate", "QuantizedLinear", "register", "get_family", "families", "candidate_from_json"]
+
+_REGISTRY: dict[str, type["Candidate"]] = {}
+
+
+def register(cls: type["Candidate"]) -> type["Candidate"]:
+    """Class decorator: make a family findable by its `family` name."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a frozen dataclass to be a candidate family")
+    if cls.family in _REGISTRY and _REGISTRY[cls.family] is not cls:
+        raise ValueError(f"candidate family {cls.family!r} is registered twice")
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def get_family(name: str) -> type["Candidate"]:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown candidate family {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def families() -> dict[str, type["Candidate"]]:
+    return dict(_REGISTRY)
+
+
+def candidate_from_json(family: str, params: str | dict) -> "Candidate":
+    """Rebuild a candidate from its family name and params (JSON text or dict), validating them."""
+    cls = get_family(family)
+    data = json.loads(params) if isinstance(params, str) else dict(params)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"candidate {family!r} has no params {sorted(unknown)}; it takes {sorted(names)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate(ABC):
+    """Base of every family. Subclasses are ``@register``-ed frozen dataclasses whose fields are
+    the params; every family has a ``kernel`` field naming the implementation."""
+
+    family: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    # True for schemes that quantize activations at run time: `interpolate` applies to them.
+    dynamic_activation: ClassVar[bool] = False
+    # Position in the fixed tie-break order (lower wins a tie); float baseline is 0.
+    order: ClassVar[int] = 100
+    # Documented accuracy vs F.linear (float32 math), for tests: min SQNR in dB on random data.
+    min_sqnr_db: ClassVar[float] = 0.0
+    # Whether this candidate computes exactly what the float baseline does (no quantization).
+    lossless: ClassVar[bool] = False
+
+    kernel: str
+
+    # ---- identity -------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def params_json(self) -> str:
+        return canonical_json(self.params())
+
+    @property
+    def name(self) -> str:
+        """Human label, e.g. 'int4_weight_only(group_size=64, kernel=tinygemm_cpu)'."""
+        inner = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.family}({inner})"
+
+    @property
+    def traceable(self) -> bool:
+        """Whether torch.compile can trace `linear` (and inductor lower it). Kernels that hold
+        opaque runtime handles (fbgemm's prepacked weights) or that inductor mis-lowers return
+        False: they then run as an eager island inside a compiled model (a graph break)."""
+        return True
+
+    @property
+    def weight_format(self) -> str | None:
+        """Name of the packed layout, where two kernels of different families can read the same
+        packed tensors (for M-dispatch). None: not shareable."""
+        return None
+
+    # ---- protocol ---------------------------------------------------------------------------
+    @abstractmethod
+    def supports(self, device: torch.device, op: OpShape) -> str | None: ...
+
+    @abstractmethod
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]: ...
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        return None
+
+    @abstractmethod
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor: ...
+
+    @abstractmethod
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor: ...
+
+    def matmul_part(
+        self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None
+    ) -> Callable[[], Tensor] | None:
+        return None
+
+    # ---- helpers built on the protocol ------------------------------------------------------
+    def build(self, weight: Tensor, bias: Tensor | None) -> "QuantizedLinear":
+        """The finalized layer for `weight` [N, K] (and `bias` [N] or None)."""
+        with torch.no_grad():
+            packed = self.quantize(weight.detach())
+        b = None if bias is None else bias.detach().clone()
+        return QuantizedLinear(self, packed, b, in_features=weight.shape[1], out_features=weight.shape[0])
+
+
+class QuantizedLinear(nn.Module):
+    """A finalized linear layer: packed plain-tensor buffers plus one candidate's fast path.
+
+    Its forward folds leading dims into M, makes the activation contiguous, calls the kernel once
+    and restores the shape. State dict = the packed tensors (+ bias): safetensors-friendly.
+    """
+
+    def __init__(
+        self, candidate: Candidate, packed: dict[str, Tensor], bias: Tensor | None,
+        in_features: int, out_features: int,
+    ) -> None:
+        super().__init__()
+        self.candidate = candidate
+        self.in_features = in_features
+        self.out_features = out_features
+        self._packed_names = tuple(sorted(packed))
+        for name in self._packed_names:
+            self.register_buffer(name, packed[name])
+        self.register_buffer("bias", bias)
+        self._runtime = candidate.prepare(packed)
+        self._linear = candidate.linear if candidate.traceable else torch.compiler.disable(candidate.linear)
+
+    def packed(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self._packed_names}
+
+    def refresh_runtime(self) -> None:
+        """Rebuild runtime-only state after buffers were replaced (load, `.to()`)."""
+        self._runtime = self.candidate.prepare(self.packed())
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        out = super()._apply(fn, recurse)
+        self.refresh_runtime()
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.candidate.name}: input has {x.shape[-1]} features, layer expects {self.in_features}"
+            )
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self._linear(x2, self.packed(), self._runtime, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.candidate.name}"

@@ -1,0 +1,176 @@
+"""fp8 e4m3 families: weight-only and dynamic (per-row activation x per-row weight).
+
+Packed state (weight_format ``fp8_nk_rowscale``, shared by both families)::
+
+    w_fp8    float8_e4m3fn [N, K]   w / scale rounded to nearest even, clamped to +-448
+    w_scale  float32 [N]            max|w[n]| / 448 (floor 1e-12)
+
+float8 is a plain dtype (safetensors F8_E4M3), not a quantized tensor.
+
+fp8_weight_only, kernel ``dequant`` (any device): ``F.linear(x, w_fp8.to(x.dtype) * scale)``. The
+cast of e4m3 values to fp32 / bf16 / fp16 is exact; the product rounds once in x's dtype. It
+materializes the float weight per call, so it buys memory and accuracy headroom, not speed.
+
+fp8_dynamic quantizes x per row at run time (``primitives.fp8_per_row``), then:
+
+- ``scaled_mm``: ``torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=[M, 1], scale_b=[1, N], bias,
+  out_dtype)``. CPU (torch 2.13): row-wise scales work (scale_b must be a contiguous [1, N]), any
+  shape, out_dtype = x.dtype, bias in x's dtype; it is a reference loop, measured far slower than
+  F.linear, so it is timed and loses. CUDA: sm89+, K and N multiples of 16; the row-wise path
+  outputs bf16 (cuBLAS below 12.9 / sm < 90 uses CUTLASS, bf16 only), so non-bf16 activations get
+  a bf16 result, then bias, then the cast to x's dtype; the reference mirrors that rounding.
+- ``triton`` (CUDA sm89+): ``autoquant.kernels.fp8_rowwise_mm`` with out_dtype = x.dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..keys import OpShape
+from ..primitives import fp8_per_row
+from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, min_capability_reason, not_cuda_reason,
+                    op_dtype, require_triton_op, triton_op)
+from .base import Candidate, register
+
+__all__ = ["Fp8WeightOnly", "Fp8Dynamic", "FP8_FORMAT"]
+
+FP8_FORMAT = "fp8_nk_rowscale"
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def quantize_fp8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
+    q, scale = fp8_per_row(weight)
+    return {"w_fp8": q.contiguous(), "w_scale": scale.contiguous()}
+
+
+def _dequant_linear(x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+    w = packed["w_fp8"].to(x.dtype) * packed["w_scale"].to(x.dtype)[:, None]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@register
+@dataclass(frozen=True)
+class Fp8WeightOnly(Candidate):
+    family: ClassVar[str] = "fp8_weight_only"
+    version: ClassVar[int] = 1
+    order: ClassVar[int] = 4
+    dynamic_activation: ClassVar[bool] = False
+    # Measured on random normal weights: ~31 dB (fp32), ~30 dB (bf16 output).
+    min_sqnr_db: ClassVar[float] = 27.0
+    lossless: ClassVar[bool] = False
+
+    kernel: str = "dequant"
+
+    def __post_init__(self) -> None:
+        if self.kernel != "dequant":
+            raise ValueError(f"fp8_weight_only: unknown kernel {self.kernel!r}; expected 'dequant'")
+
+    @property
+    def weight_format(self) -> str | None:
+        return FP8_FORMAT
+
+    def supports(self, device: torch.device, op: OpShape) -> str | None:
+        return bad_dtype_reason("fp8_weight_only/dequant", op_dtype(op.dtype), FLOAT_DTYPES)
+
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        return quantize_fp8_nk_rowscale(weight)
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        return _dequant_linear(x, packed, bias)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        return _dequant_linear(x, packed, bias)
+
+
+def _scaled_mm_out_dtype(x: Tensor) -> torch.dtype:
+    """What _scaled_mm writes: x's dtype on CPU; bf16 on CUDA (row-wise scaling, see docstring)."""
+    return torch.bfloat16 if x.is_cuda else x.dtype
+
+
+@register
+@dataclass(frozen=True)
+class Fp8Dynamic(Candidate):
+    family: ClassVar[str] = "fp8_dynamic"
+    version: ClassVar[int] = 1
+    order: ClassVar[int] = 5
+    dynamic_activation: ClassVar[bool] = True
+    # Measured on random normal data: ~28 dB (x and w both e4m3), bf16 alike.
+    min_sqnr_db: ClassVar[float] = 24.0
+    lossless: ClassVar[bool] = False
+
+    kernel: str = "scaled_mm"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("scaled_mm", "triton"):
+            raise ValueError(f"fp8_dynamic: unknown kernel {self.kernel!r}; expected 'scaled_mm' or 'triton'")
+
+    @property
+    def weight_format(self) -> str | None:
+        return FP8_FORMAT
+
+    def supports(self, device: torch.device, op: OpShape) -> str | None:
+        name = f"fp8_dynamic/{self.kernel}"
+        reason = bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES)
+        if reason:
+            return reason
+        if self.kernel == "scaled_mm":
+            if device.type == "cpu":
+                return None  # row-wise _scaled_mm runs on CPU in torch 2.13 (slowly: timing decides)
+            reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
+            if reason:
+                return reason
+            if op.k % 16 or op.n % 16:
+                return f"{name}: CUDA _scaled_mm needs K and N multiples of 16, got K={op.k} N={op.n}"
+            return None
+        reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
+        if reason:
+            return reason
+        _, reason = triton_op("fp8_rowwise_mm")
+        return reason
+
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        return quantize_fp8_nk_rowscale(weight)
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        # _scaled_mm wants scale_b as a contiguous [1, N] float32 tensor: a view of w_scale.
+        return packed["w_scale"].reshape(1, -1)
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], runtime: Any,
+                bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        if self.kernel == "triton":
+            fn = require_triton_op("fp8_rowwise_mm")
+            return fn(xq, xs, packed["w_fp8"], packed["w_scale"], bias, out_dtype=out_dtype)
+        mm_dtype = torch.bfloat16 if xq.is_cuda else out_dtype
+        fuse_bias = bias is not None and mm_dtype == out_dtype
+        scale_b = runtime if runtime is not None else packed["w_scale"].reshape(1, -1)
+        y = torch._scaled_mm(xq, packed["w_fp8"].t(), scale_a=xs[:, None], scale_b=scale_b,
+                             bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=mm_dtype)
+        if not fuse_bias:
+            y = add_bias(y.to(out_dtype), bias)
+        return y
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        xq, xs = fp8_per_row(x)
+        return self._matmul(xq, xs, packed, runtime, bias, x.dtype)
+
+    def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
+                    bias: Tensor | None) -> Callable[[], Tensor] | None:
+        xq, xs = fp8_per_row(x)
+        out_dtype = x.dtype
+        return lambda: self._matmul(xq, xs, packed, runtime, bias, out_dtype)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        xq, xs = fp8_per_row(x)
+        acc = xq.double() @ packed["w_fp8"].double().T  # e4m3 products and sums: exact in float64
+        y = (acc.float() * xs[:, None]) * packed["w_scale"][None, :]
+        mm_dtype = torch.bfloat16 if (self.kernel == "scaled_mm" and x.is_cuda) else x.dtype
+        fused = bias is not None and (self.kernel == "triton" or mm_dtype == x.dtype)
+        if fused:
+            y = y + bias.float()
+        y = y.to(mm_dtype).to(x.dtype)
+        return add_bias(y, bias) if bias is not None and not fused else y

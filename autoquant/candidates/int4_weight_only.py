@@ -1,0 +1,180 @@
+"""int4 weight-only: grouped asymmetric 4-bit weights, float activations (tinygemm convention).
+
+Quantization (``primitives.int4_grouped_asym``): per output row and group of ``group_size``
+consecutive inputs, codes q in 0..15 and ``w_hat = (q - 8) * scale + zero``, scale and zero stored
+in the weight's dtype (tinygemm wants them in the activation dtype, which is the model's).
+
+Packed state (weight_format ``int4_nk_g{G}``, one portable layout for every kernel)::
+
+    w_int4            uint8 [N, K // 2]     byte = q[n, 2j] | q[n, 2j + 1] << 4 (low nibble = even k)
+    scales_and_zeros  weight dtype [K // G, N, 2]    [..., 0] = scale, [..., 1] = zero
+
+The kernels' own layouts are built from it in ``prepare`` (runtime state, never saved): the CPU
+tinygemm layout depends on the CPU's vector width (blocks of 32 columns on AVX2, 64 on AVX-512), so
+saving it would break a checkpoint moved to another CPU. Cost: the runtime copy doubles the int4
+bytes while the layer lives.
+
+Kernels:
+
+- ``tinygemm_cpu``: ``_convert_weight_to_int4pack_for_cpu(q int32 [N, K], 1)`` (uint8 [N, K // 2])
+  + ``_weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros)``. N % 16 == 0, G in
+  {32, 64, 128, 256}, scales_and_zeros in x's dtype (fp32 / bf16 / fp16); dequantizes in float32,
+  accumulates in float32, rounds once (bit-exact against the reference for bf16). Below AVX-512
+  only bf16 activations get a vectorized kernel; ``supports`` declines fp32 / fp16 there.
+- ``tinygemm`` (CUDA, sm80+): ``_convert_weight_to_int4pack(uint8 [N, K // 2] with even k in the
+  HIGH nibble, inner_k_tiles)`` + ``_weight_int4pack_mm``. bf16 activations and qparams only;
+  N % 8 == 0; inner_k_tiles is the largest of 8 / 4 / 2 with K % (16 * tiles) == 0.
+- ``triton`` (CUDA): ``autoquant.kernels.int4_wo_mm`` reading ``w_int4`` as is (it is that
+  module's pack_int4 layout); its formula is ``(q - z') * s`` with a float z', so ``prepare``
+  hands it float32 ``s`` and ``z' = 8 - zero / s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..keys import OpShape
+from ..primitives import INT4_MID, int4_grouped_asym, pack_int4_lo_first, swap_nibbles, unpack_int4_lo_first
+from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, cpu_scalar_only_reason, min_capability_reason,
+                    not_cpu_reason, not_cuda_reason, op_dtype, require_triton_op, triton_op)
+from .base import Candidate, register
+
+__all__ = ["Int4WeightOnly"]
+
+KERNELS = ("tinygemm_cpu", "tinygemm", "triton")
+GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+TRITON_GROUPS = (32, 64, 128)
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    for tiles in (8, 4, 2):
+        if k % (16 * tiles) == 0:
+            return tiles
+    return None
+
+
+@register
+@dataclass(frozen=True)
+class Int4WeightOnly(Candidate):
+    family: ClassVar[str] = "int4_weight_only"
+    version: ClassVar[int] = 1
+    order: ClassVar[int] = 3
+    dynamic_activation: ClassVar[bool] = False
+    # Measured on random normal weights: G=32 ~22 dB, G=64 ~21 dB, G=128 ~20 dB (bf16 alike).
+    min_sqnr_db: ClassVar[float] = 17.0
+    lossless: ClassVar[bool] = False
+
+    kernel: str = "tinygemm_cpu"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"int4_weight_only: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4_weight_only: group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def weight_format(self) -> str | None:
+        return f"int4_nk_g{self.group_size}"
+
+    # ---- supports -------------------------------------------------------------------------------
+    def supports(self, device: torch.device, op: OpShape) -> str | None:
+        name = f"int4_weight_only/{self.kernel}(G={self.group_size})"
+        dtype = op_dtype(op.dtype)
+        if op.k % self.group_size:
+            return f"{name}: K={op.k} is not a multiple of group_size={self.group_size}"
+        if self.kernel == "tinygemm_cpu":
+            reason = not_cpu_reason(name, device) or bad_dtype_reason(name, dtype, FLOAT_DTYPES)
+            if reason:
+                return reason
+            if op.n % 16:
+                return f"{name}: the CPU int4 pack needs N % 16 == 0, got N={op.n}"
+            return cpu_scalar_only_reason(name, device, dtype)
+        reason = not_cuda_reason(name, device)
+        if reason:
+            return reason
+        if self.kernel == "tinygemm":
+            reason = bad_dtype_reason(name, dtype, (torch.bfloat16,)) or min_capability_reason(name, device, (8, 0))
+            if reason:
+                return reason
+            if op.n % 8:
+                return f"{name}: tinygemm needs N % 8 == 0, got N={op.n}"
+            if _inner_k_tiles(op.k) is None:
+                return f"{name}: tinygemm needs K % 32 == 0, got K={op.k}"
+            return None
+        reason = bad_dtype_reason(name, dtype, FLOAT_DTYPES)
+        if reason:
+            return reason
+        if self.group_size not in TRITON_GROUPS:
+            return f"{name}: the Triton int4 kernel takes group sizes {TRITON_GROUPS}"
+        _, reason = triton_op("int4_wo_mm")
+        return reason
+
+    # ---- packing ------------------------------------------------------------------------------------
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        qdtype = weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float32
+        q, scales, zeros = int4_grouped_asym(weight, self.group_size, qdtype)
+        return {
+            "w_int4": pack_int4_lo_first(q),
+            "scales_and_zeros": torch.stack([scales, zeros], dim=2).contiguous(),
+        }
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        w, sz = packed["w_int4"], packed["scales_and_zeros"]
+        if self.kernel == "tinygemm_cpu":
+            if w.device.type != "cpu":
+                return None
+            q = unpack_int4_lo_first(w)
+            return {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), "sz": sz}
+        if self.kernel == "tinygemm":
+            tiles = _inner_k_tiles(w.shape[1] * 2)
+            if w.device.type != "cuda" or tiles is None:
+                return None
+            return {"w": torch.ops.aten._convert_weight_to_int4pack(swap_nibbles(w).contiguous(), tiles),
+                    "sz": sz}
+        # triton: any device (CPU tensors run under TRITON_INTERPRET=1, else the op says why not).
+        scale = sz[..., 0].float().contiguous()
+        return {"scales": scale, "zeros": (INT4_MID - sz[..., 1].float() / scale).contiguous()}
+
+    # ---- compute ------------------------------------------------------------------------------------
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        if runtime is None:
+            raise RuntimeError(f"{self.name}: runtime state missing (weights on the wrong device?)")
+        g = self.group_size
+        if self.kernel == "triton":
+            fn = require_triton_op("int4_wo_mm")
+            return fn(x, packed["w_int4"], runtime["scales"], runtime["zeros"], g, bias)
+        sz = runtime["sz"] if runtime["sz"].dtype == x.dtype else runtime["sz"].to(x.dtype)
+        if self.kernel == "tinygemm_cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, runtime["w"], g, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x, runtime["w"], g, sz)
+        return add_bias(y, bias)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        q = unpack_int4_lo_first(packed["w_int4"]).float()
+        sz = packed["scales_and_zeros"]
+        g = self.group_size
+        if self.kernel == "triton":
+            # (q - z') * s in float32 with the runtime's z' and s, bias in the epilogue.
+            s = sz[..., 0].float()
+            z = INT4_MID - sz[..., 1].float() / s
+            w = (q - z.t().repeat_interleave(g, 1)) * s.t().repeat_interleave(g, 1)
+            y = x.float() @ w.T
+            if bias is not None:
+                y = y + bias.float()
+            return y.to(x.dtype)
+        sz = sz.to(x.dtype).float()  # the kernel reads qparams in x's dtype
+        s = sz[..., 0].t().repeat_interleave(g, 1)
+        z = sz[..., 1].t().repeat_interleave(g, 1)
+        w = (q - INT4_MID) * s + z
+        if self.kernel == "tinygemm":
+            # CUDA tinygemm dequantizes into bf16 registers (one fma, one rounding) before the mma.
+            w = w.to(torch.bfloat16).float()
+        y = (x.double() @ w.double().T).to(x.dtype)
+        return add_bias(y, bias)

@@ -1,0 +1,122 @@
+"""int8 weight-only: symmetric per-output-channel int8 weight, float activations.
+
+Packed state (weight_format ``int8_nk_rowscale``, shared with int8_dynamic so one layer can switch
+kernels on M over ONE copy)::
+
+    w_int8  int8    [N, K]   q = round(w / scale), -127..127 (nn.Linear layout)
+    w_scale float32 [N]      scale = max|w[n]| / 127
+
+Kernels:
+
+- ``int8pack``: ``torch._weight_int8pack_mm(x, w_int8, scale)`` (CPU and CUDA in torch 2.13). It
+  wants the scales in the activation dtype (CPU raises otherwise), so ``prepare`` keeps a copy
+  per float dtype. CPU: fp32 / bf16 / fp16 activations, any K, x contiguous; it accumulates in
+  float32, multiplies by the (activation-dtype) scale in float32 and rounds once (verified
+  bit-exact for bf16). Below AVX-512 only bf16 activations get a vectorized kernel (fp32 / fp16
+  measured 7-60x slower than F.linear), so ``supports`` declines those there. CUDA: the 2.13
+  kernel upcasts everything to float32, same math.
+- ``dequant``: ``F.linear(x, w_int8.to(x.dtype) * scale.to(x.dtype))``; any device, the fallback.
+  It materializes the float weight on every call, so it never beats the float baseline and is
+  left out of ``default_candidates`` (build it explicitly when wanted).
+- ``triton`` (CUDA): ``autoquant.kernels.int8_wo_mm`` (imported on first use): int8 tiles upcast
+  in registers, float32 accumulation, scale and bias in the epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..keys import OpShape
+from ..primitives import int8_weight_per_channel
+from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, cpu_scalar_only_reason, not_cuda_reason,
+                    op_dtype, require_triton_op, scales_by_dtype, triton_op)
+from .base import Candidate, register
+
+__all__ = ["Int8WeightOnly", "INT8_FORMAT", "quantize_int8_nk_rowscale"]
+
+KERNELS = ("int8pack", "dequant", "triton")
+INT8_FORMAT = "int8_nk_rowscale"
+
+
+def quantize_int8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
+    """The ``int8_nk_rowscale`` packed dict (shared by every int8 kernel of both int8 families)."""
+    q, scale = int8_weight_per_channel(weight)
+    return {"w_int8": q.contiguous(), "w_scale": scale.contiguous()}
+
+
+@register
+@dataclass(frozen=True)
+class Int8WeightOnly(Candidate):
+    family: ClassVar[str] = "int8_weight_only"
+    version: ClassVar[int] = 1
+    order: ClassVar[int] = 1
+    dynamic_activation: ClassVar[bool] = False
+    # Measured on random normal weights (K=96..4096): 40-43 dB in fp32, ~40 dB with bf16 output.
+    min_sqnr_db: ClassVar[float] = 35.0
+    lossless: ClassVar[bool] = False
+
+    kernel: str = "int8pack"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"int8_weight_only: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
+
+    @property
+    def weight_format(self) -> str | None:
+        return INT8_FORMAT
+
+    def supports(self, device: torch.device, op: OpShape) -> str | None:
+        dtype = op_dtype(op.dtype)
+        reason = bad_dtype_reason(f"int8_weight_only/{self.kernel}", dtype, FLOAT_DTYPES)
+        if reason or self.kernel == "dequant":
+            return reason
+        if self.kernel == "int8pack":
+            if device.type not in ("cpu", "cuda"):
+                return f"int8_weight_only/int8pack: torch has no _weight_int8pack_mm for {device.type}"
+            return cpu_scalar_only_reason("int8_weight_only/int8pack", device, dtype)
+        reason = not_cuda_reason("int8_weight_only/triton", device)
+        if reason:
+            return reason
+        _, reason = triton_op("int8_wo_mm")
+        return reason
+
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        return quantize_int8_nk_rowscale(weight)
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        if self.kernel == "int8pack":
+            return scales_by_dtype(packed["w_scale"])
+        return None
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        q, scale = packed["w_int8"], packed["w_scale"]
+        if self.kernel == "int8pack":
+            s = runtime[x.dtype] if runtime is not None and x.dtype in runtime else scale.to(x.dtype)
+            return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
+        if self.kernel == "dequant":
+            w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        fn = require_triton_op("int8_wo_mm")
+        return fn(x, q, scale, bias)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        q, scale = packed["w_int8"], packed["w_scale"]
+        if self.kernel == "dequant":
+            w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        # Exact integer sums (|acc| < 2^53 in float64), times the scale the kernel sees, rounded
+        # once to x.dtype. int8pack: scale in x.dtype, bias added after in x.dtype; triton: float32
+        # scale and bias in the epilogue.
+        acc = (x.double() @ q.double().T).float()
+        if self.kernel == "int8pack":
+            y = (acc * scale.to(x.dtype).float()).to(x.dtype)
+            return add_bias(y, bias)
+        y = acc * scale.float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)

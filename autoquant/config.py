@@ -1,0 +1,97 @@
+"""Typed, frozen configuration. Loose spellings are accepted only at the API edge and become these
+at once (DESIGN.md section 7).
+
+>>> CostModel.parse(("interpolate", 0.85))
+CostModel(kind='interpolate', c=0.85)
+>>> CostModel.parse("relu").kind
+'relu'
+>>> TuneConfig.from_json(TuneConfig(min_sqnr=30.0).to_json()).min_sqnr
+30.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .bench import BenchConfig
+
+__all__ = ["CostModel", "TuneConfig"]
+
+CostKind = Literal["relu", "interpolate"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """`relu`: every candidate timed as relu(op(relu(x))). `interpolate`: for dynamic-activation
+    schemes cost = c * t_full + (1 - c) * t_matmul; other schemes cost t_full."""
+
+    kind: CostKind = "interpolate"
+    c: float = 0.85
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("relu", "interpolate"):
+            raise ValueError(f"unknown cost model {self.kind!r}: use 'relu' or ('interpolate', c)")
+        if not 0.0 <= self.c <= 1.0:
+            raise ValueError(f"interpolate weight c must be within [0, 1], got {self.c}")
+
+    @classmethod
+    def parse(cls, mode: Any) -> "CostModel":
+        """Accept a CostModel, 'relu', 'interpolate', ('relu',), ('interpolate', c)."""
+        if isinstance(mode, CostModel):
+            return mode
+        if isinstance(mode, str):
+            return cls(kind=mode)  # type: ignore[arg-type]
+        if isinstance(mode, (tuple, list)) and mode and isinstance(mode[0], str):
+            if mode[0] == "relu" and len(mode) == 1:
+                return cls(kind="relu")
+            if mode[0] == "interpolate" and len(mode) in (1, 2):
+                return cls(kind="interpolate", c=float(mode[1]) if len(mode) == 2 else 0.85)
+        raise ValueError(
+            f"mode={mode!r} is not a cost model: pass 'relu', 'interpolate' or ('interpolate', 0.85)"
+        )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How one autoquant run tunes. `candidates` is None for the device's defaults, else a tuple of
+    (family, params-JSON) pairs. `tie_tolerance` is the smallest relative cost difference that is
+    never called a tie, on top of the measured spread. Candidates whose first calls are
+    `hopeless_factor` times slower than the fastest keep a rough single-sample figure (0: off)."""
+
+    cost_model: CostModel = field(default_factory=CostModel)
+    min_sqnr: float | None = None
+    candidates: tuple[tuple[str, str], ...] | None = None
+    tie_tolerance: float = 0.0
+    retime_top: int = 2
+    hopeless_factor: float = 4.0
+    activation_rows: int = 64
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        if self.min_sqnr is not None and not isinstance(self.min_sqnr, (int, float)):
+            raise ValueError(f"min_sqnr must be a number of dB or None, got {self.min_sqnr!r}")
+        if self.tie_tolerance < 0:
+            raise ValueError("tie_tolerance must be >= 0")
+        if self.activation_rows < 1:
+            raise ValueError("activation_rows must be >= 1")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TuneConfig":
+        data = json.loads(text)
+        cands = data.get("candidates")
+        return cls(
+            cost_model=CostModel(**data["cost_model"]),
+            min_sqnr=data.get("min_sqnr"),
+            candidates=None if cands is None else tuple((f, p) for f, p in cands),
+            tie_tolerance=data.get("tie_tolerance", 0.0),
+            retime_top=data.get("retime_top", 2),
+            hopeless_factor=data.get("hopeless_factor", 4.0),
+            activation_rows=data.get("activation_rows", 64),
+            bench=BenchConfig(**data.get("bench", {})),
+        )

@@ -1,0 +1,161 @@
+"""Plans: which layer runs which candidate, as JSON. Applying a plan benchmarks nothing.
+
+A plan names, per nn.Linear layer, its scheme (family + params, the kernel included) or an
+M-dispatch pair, together with the environment fingerprint it was tuned on. It carries no
+weights and no pickles.
+
+>>> import torch
+>>> from autoquant.candidates import get_family
+>>> m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+>>> plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "environment": None,
+...         "layers": {"0": {"kind": "candidate", "family": "float", "params": {"kernel": "aten", "compute_dtype": "float32"}}}}
+>>> type(apply_plan(m, plan)[0]).__name__
+'QuantizedLinear'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .candidates import Candidate, QuantizedLinear, candidate_from_json
+from .finalize import DispatchLinear, copy_hooks, plain_weight, replace_module
+from .hardware import Environment, environment
+from .selection import Dispatch, is_baseline
+
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "layer_from_plan"]
+
+log = logging.getLogger("autoquant")
+
+PLAN_FORMAT = "autoquant-plan"
+PLAN_VERSION = 1
+
+
+def _cand_json(c: Candidate) -> dict[str, Any]:
+    return {"family": c.family, "params": c.params(), "version": c.version}
+
+
+def plan_of(model: nn.Module) -> dict[str, Any]:
+    """The plan a finalized (or plan-applied) model runs, as a JSON-able dict."""
+    root = getattr(model, "_orig_mod", model)
+    layers: dict[str, Any] = {}
+    device = None
+    for name, mod in root.named_modules():
+        if isinstance(mod, DispatchLinear):
+            d = mod.dispatch
+            layers[name] = {"kind": "dispatch", "small": _cand_json(d.small), "large": _cand_json(d.large),
+                            "threshold": d.threshold}
+        elif isinstance(mod, QuantizedLinear):
+            layers[name] = {"kind": "candidate", **_cand_json(mod.candidate)}
+        elif isinstance(mod, nn.Linear):
+            layers[name] = {"kind": "float"}
+        else:
+            continue
+        if device is None:
+            device = next((t.device for t in mod.buffers()), None) or next((p.device for p in mod.parameters()), None)
+    rep = getattr(root, "_autoquant_report", None)
+    envs = rep.environments if rep is not None and rep.environments else (
+        [environment(device)] if device is not None and device.type in ("cpu", "cuda") else [])
+    return {"format": PLAN_FORMAT, "version": PLAN_VERSION,
+            "environment": envs[0].to_dict() if envs else None, "layers": layers}
+
+
+def save_plan(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the model's plan as JSON to `path`; returns it."""
+    plan = plan_of(model)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(plan, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    return plan
+
+
+def load_plan(source: str | os.PathLike[str] | dict) -> dict[str, Any]:
+    """Read and validate a plan (a path or an already parsed dict)."""
+    if isinstance(source, dict):
+        plan = source
+    else:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                plan = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan file {source} is not valid JSON ({exc}); re-save it with autoquant.save_plan") from exc
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"{source if not isinstance(source, dict) else 'plan'} is not an autoquant plan "
+                         f"(expected format {PLAN_FORMAT!r})")
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan version {plan.get('version')!r} is not supported (this autoquant reads "
+                         f"version {PLAN_VERSION}); re-create it with this version's autoquant.save_plan")
+    if not isinstance(plan.get("layers"), dict):
+        raise ValueError("plan has no 'layers' mapping")
+    for name, entry in plan["layers"].items():
+        if not isinstance(entry, dict) or entry.get("kind") not in ("float", "candidate", "dispatch"):
+            raise ValueError(f"plan layer {name!r}: 'kind' must be float, candidate or dispatch")
+    return plan
+
+
+def _candidate(entry: dict[str, Any], where: str) -> Candidate:
+    try:
+        cand = candidate_from_json(entry["family"], entry["params"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"plan layer {where}: bad candidate {entry!r}: {exc}") from exc
+    if entry.get("version", cand.version) != cand.version:
+        log.warning("plan layer %s: %s was planned at version %s, this autoquant has version %s",
+                    where, cand.family, entry.get("version"), cand.version)
+    return cand
+
+
+def layer_from_plan(entry: dict[str, Any], linear: nn.Linear, where: str) -> nn.Module | None:
+    """The module `entry` asks for, built from `linear`'s weights; None keeps the float layer."""
+    weight = plain_weight(linear)
+    bias = None if linear.bias is None else linear.bias.detach()
+    if entry["kind"] == "float":
+        return None
+    if entry["kind"] == "candidate":
+        cand = _candidate(entry, where)
+        return None if is_baseline(cand) else cand.build(weight, bias)
+    d = Dispatch(_candidate(entry["small"], where), _candidate(entry["large"], where), int(entry["threshold"]))
+    with torch.no_grad():
+        packed = d.small.quantize(weight)
+    return DispatchLinear(d, packed, None if bias is None else bias.clone(), linear.in_features, linear.out_features)
+
+
+def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:
+    if plan.get("environment") is None or device.type not in ("cpu", "cuda"):
+        return None
+    planned = Environment.from_dict(plan["environment"])
+    here = environment(device)
+    if planned.hash == here.hash:
+        return None
+    diff = [k for k, v in planned.to_dict().items() if here.to_dict()[k] != v]
+    return f"plan was tuned on {planned.short()}, this is {here.short()} (differs in: {', '.join(diff)})"
+
+
+def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict) -> nn.Module:
+    """Turn each float nn.Linear named in `plan` into its planned layer; benchmarks nothing.
+    Warns when the plan's environment fingerprint differs from this device's."""
+    plan = load_plan(plan)
+    root = getattr(model, "_orig_mod", model)
+    warned = False
+    for name, entry in plan["layers"].items():
+        try:
+            linear = root.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"plan names layer {name!r}, which this model does not have") from exc
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"plan layer {name!r} is a {type(linear).__name__} here, not a float nn.Linear "
+                             "(apply a plan to the float model, before any autoquant)")
+        if not warned:
+            problem = _env_mismatch(plan, linear.weight.device)
+            if problem:
+                log.warning("apply_plan: %s; the choices may not be the fastest here", problem)
+            warned = True
+        new = layer_from_plan(entry, linear, name)
+        if new is not None:
+            copy_hooks(linear, new)
+            replace_module(root, name, new)
+    return model

@@ -1,0 +1,130 @@
+"""What was chosen and why, as pandas DataFrames (and text). Reads tuning results only: no torch
+kernels, no database.
+
+``TuningReport.to_frame()`` has one row per nn.Linear layer: status, recorded shapes and counts,
+winner and kernel, cost and baseline cost in microseconds, speedup, SQNR, and one column per
+candidate holding its cost in µs or the reason it has none. ``to_long_frame()`` has one row per
+(layer, candidate).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from .config import CostModel
+    from .hardware import Environment
+    from .selection import LayerPlan
+
+__all__ = ["TuningReport"]
+
+log = logging.getLogger("autoquant")
+
+
+def _us(seconds: float | None) -> float:
+    return math.nan if seconds is None else seconds * 1e6
+
+
+def _shapes(ops: dict) -> str:
+    return "; ".join(f"{op.m}x{op.k}x{op.n} {op.dtype} x{n}" for op, n in sorted(ops.items()))
+
+
+@dataclass
+class TuningReport:
+    layers: list["LayerPlan"]
+    skipped: dict[str, str]
+    environments: list["Environment"]
+    cost_model: "CostModel"
+    min_sqnr: float | None
+    cache: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    # ---- per-layer view ---------------------------------------------------------------------
+    def _winner_fields(self, plan: "LayerPlan") -> dict[str, Any]:
+        if plan.dispatch is not None:
+            d = plan.dispatch
+            return {"winner": f"{d.small.family} | {d.large.family}",
+                    "kernel": f"M<{d.threshold}: {d.small.kernel}, else {d.large.kernel}",
+                    "params": f"{d.small.params_json()} | {d.large.params_json()}"}
+        if plan.winner is not None:
+            return {"winner": plan.winner.family, "kernel": plan.winner.kernel, "params": plan.winner.params_json()}
+        return {"winner": "float", "kernel": "aten (kept)", "params": ""}
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for plan in self.layers:
+            row: dict[str, Any] = {
+                "layer": plan.name, "status": plan.status, "shapes": _shapes(plan.ops),
+                "calls": sum(plan.ops.values()), **self._winner_fields(plan),
+                "cost_us": _us(plan.cost.value if plan.cost else None),
+                "baseline_us": _us(plan.baseline_cost.value if plan.baseline_cost else None),
+                "speedup": plan.speedup, "sqnr_db": math.nan if plan.sqnr_db is None else plan.sqnr_db,
+            }
+            for r in plan.rows:
+                row[r.candidate.name] = round(_us(r.cost.value), 3) if r.cost is not None and r.reason is None else (r.reason or "")
+            rows.append(row)
+        for name, why in self.skipped.items():
+            rows.append({"layer": name, "status": f"skipped: {why}", "shapes": "", "calls": 0,
+                         "winner": "float", "kernel": "aten (kept)", "params": "", "cost_us": math.nan,
+                         "baseline_us": math.nan, "speedup": math.nan, "sqnr_db": math.nan})
+        return pd.DataFrame(rows)
+
+    def to_long_frame(self) -> pd.DataFrame:
+        rows = []
+        for plan in self.layers:
+            chosen = set()
+            if plan.winner is not None:
+                chosen.add(plan.winner)
+            if plan.dispatch is not None:
+                chosen.update({plan.dispatch.small, plan.dispatch.large})
+            for r in plan.rows:
+                rows.append({
+                    "layer": plan.name, "candidate": r.candidate.name, "family": r.candidate.family,
+                    "kernel": r.candidate.kernel, "params": r.candidate.params_json(),
+                    "cost_us": _us(r.cost.value if r.cost else None),
+                    "spread": math.nan if r.cost is None else r.cost.spread,
+                    "reason": r.reason or "", "sqnr_db": math.nan if r.sqnr_db is None else r.sqnr_db,
+                    "packed_bytes": r.nbytes if r.nbytes is not None else math.nan,
+                    "chosen": r.candidate in chosen,
+                    "cached": bool(r.per_op) and all(t.cached for t in r.per_op.values()),
+                })
+        return pd.DataFrame(rows)
+
+    def to_markdown(self) -> str:
+        return self.summary_frame().to_markdown(index=False)
+
+    def to_html(self) -> str:
+        return self.summary_frame().to_html(index=False)
+
+    def summary_frame(self) -> pd.DataFrame:
+        cols = ["layer", "status", "shapes", "winner", "kernel", "cost_us", "baseline_us", "speedup", "sqnr_db"]
+        return self.to_frame()[cols]
+
+    # ---- one-paragraph summary --------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for plan in self.layers:
+            key = self._winner_fields(plan)["winner"] if plan.status == "tuned" else plan.status.split(":")[0]
+            out[key] = out.get(key, 0) + 1
+        if self.skipped:
+            out["skipped"] = len(self.skipped)
+        return out
+
+    def summary(self) -> str:
+        envs = ", ".join(e.short() for e in self.environments) or "no device"
+        chosen = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        mode = self.cost_model.kind + (f"({self.cost_model.c})" if self.cost_model.kind == "interpolate" else "")
+        text = (f"autoquant: {len(self.layers)} layers in {self.seconds:.1f}s on {envs}; cost model {mode}; "
+                f"chosen: {chosen or 'nothing'}; cache: {self.cache}")
+        return text + "".join(f"\n  warning: {w}" for w in self.warnings)
+
+    def log_summary(self) -> None:
+        log.info("%s", self.summary())
+        for w in self.warnings:
+            log.warning("%s", w)

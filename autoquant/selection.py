@@ -1,0 +1,224 @@
+"""Per-layer selection: costs from the tuned ops, accuracy on the layer's own recorded activations.
+
+Accuracy is per layer (it depends on the weights), timing per op. SQNR is computed lazily, in cost
+order, only for candidates that could still win, so a large model does not quantize every layer
+with every candidate. Where one layer's per-shape winners are two kernels that read the same packed
+weight (int8 weight-only at small M, int8 dynamic at large M), the layer may dispatch on M.
+
+>>> import torch
+>>> sqnr_db(torch.ones(4), torch.ones(4))
+inf
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .candidates import Candidate
+from .config import TuneConfig
+from .costmodel import Cost, Option, is_tie, pick, weighted_cost
+from .keys import OpShape
+from .tune import Trial
+
+__all__ = ["CandidateRow", "LayerPlan", "Dispatch", "select_layer", "sqnr_db", "is_baseline"]
+
+log = logging.getLogger("autoquant")
+
+
+def is_baseline(c: Candidate) -> bool:
+    """The float baseline: F.linear in the model's own dtype."""
+    return c.family == "float" and c.kernel == "aten" and getattr(c, "compute_dtype", None) is None
+
+
+def sqnr_db(reference: Tensor, actual: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical, nan when not finite)."""
+    ref = reference.double()
+    err = (ref - actual.double()).pow(2).sum().item()
+    if not math.isfinite(err):
+        return math.nan
+    if err == 0:
+        return math.inf
+    sig = ref.pow(2).sum().item()
+    return 10.0 * math.log10(max(sig, 1e-300) / err)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run `small` for M < threshold and `large` otherwise, over one shared packed weight."""
+
+    small: Candidate
+    large: Candidate
+    threshold: int
+
+
+@dataclass
+class CandidateRow:
+    """One candidate for one layer, for the report: its layer cost or why it has none."""
+
+    candidate: Candidate
+    cost: Cost | None = None
+    reason: str | None = None
+    sqnr_db: float | None = None
+    nbytes: int | None = None
+    per_op: dict[OpShape, Trial] = field(default_factory=dict)
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one layer, and everything the report shows about it."""
+
+    name: str
+    ops: dict[OpShape, int]
+    status: str  # "tuned", "unseen", or "kept float: <why>"
+    winner: Candidate | None = None
+    dispatch: Dispatch | None = None
+    cost: Cost | None = None
+    baseline_cost: Cost | None = None
+    sqnr_db: float | None = None
+    rows: list[CandidateRow] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        if self.cost is None or self.baseline_cost is None or self.cost.value <= 0:
+            return math.nan
+        return self.baseline_cost.value / self.cost.value
+
+
+class _Accuracy:
+    """Lazily computed SQNR (and packed size) per candidate on the layer's real activations."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, acts: Tensor, dtype: torch.dtype) -> None:
+        self.weight, self.bias, self.dtype = weight, bias, dtype
+        self.x = acts.to(device=weight.device, dtype=dtype)
+        b32 = None if bias is None else bias.float()
+        self.ref = F.linear(self.x.float(), weight.float(), b32)
+        self.cache: dict[Candidate, tuple[float, int, str | None]] = {}
+
+    def __call__(self, cand: Candidate) -> tuple[float, int, str | None]:
+        if cand not in self.cache:
+            self.cache[cand] = self._evaluate(cand)
+        return self.cache[cand]
+
+    def _evaluate(self, cand: Candidate) -> tuple[float, int, str | None]:
+        try:
+            with torch.no_grad():
+                module = cand.build(self.weight.to(self.dtype), None if self.bias is None else self.bias.to(self.dtype))
+                out = module(self.x).float()
+                nbytes = sum(t.numel() * t.element_size() for t in module.packed().values())
+        except Exception as exc:  # reported; the layer just does not use this candidate
+            return math.nan, 0, f"failed on this layer's weights: {type(exc).__name__}: {exc}"
+        value = math.inf if is_baseline(cand) else sqnr_db(self.ref, out)
+        if math.isnan(value):
+            return value, nbytes, "non-finite output on recorded activations"
+        return value, nbytes, None
+
+
+def _passes(acc: tuple[float, int, str | None], cand: Candidate, min_sqnr: float | None) -> bool:
+    value, _, err = acc
+    if err is not None:
+        return False
+    return is_baseline(cand) or min_sqnr is None or value >= min_sqnr
+
+
+def _choose(
+    costs: Mapping[Candidate, Cost], accuracy: _Accuracy, config: TuneConfig
+) -> Candidate | None:
+    """Cheapest passing candidate with the tie-break, evaluating accuracy in cost order only as far
+    as the tie band of the first passing one."""
+    ordered = sorted(costs, key=lambda c: (costs[c].value, c.order, c.params_json()))
+    passing: list[Candidate] = []
+    for cand in ordered:
+        if passing and not is_tie(costs[passing[0]], costs[cand], config.tie_tolerance):
+            break
+        if _passes(accuracy(cand), cand, config.min_sqnr):
+            passing.append(cand)
+    if not passing:
+        return None
+    options = [
+        Option(ident=f"{c.family}:{c.params_json()}", cost=costs[c], sqnr_db=accuracy(c)[0],
+               nbytes=accuracy(c)[1], order=c.order)
+        for c in passing
+    ]
+    chosen = pick(options, config.tie_tolerance)
+    return next(c for c in passing if f"{c.family}:{c.params_json()}" == chosen.ident)
+
+
+def _dispatch(
+    ops: Mapping[OpShape, int], per_op: Mapping[OpShape, Mapping[Candidate, Cost]], accuracy: _Accuracy,
+    config: TuneConfig, single: Cost,
+) -> tuple[Dispatch, Cost] | None:
+    """M-dispatch when the per-shape winners are exactly two kernels sharing a packed format, split
+    cleanly by M, and together cheaper (beyond noise) than the best single candidate."""
+    winners = {op: _choose(per_op[op], accuracy, config) for op in ops}
+    if any(w is None for w in winners.values()):
+        return None
+    distinct = set(winners.values())
+    if len(distinct) != 2:
+        return None
+    a, b = sorted(distinct, key=lambda c: min(op.m for op, w in winners.items() if w == c))
+    if a.weight_format is None or a.weight_format != b.weight_format:
+        return None
+    max_a = max(op.m for op, w in winners.items() if w == a)
+    min_b = min(op.m for op, w in winners.items() if w == b)
+    if max_a >= min_b:
+        return None
+    cost = weighted_cost([(per_op[op][winners[op]], n) for op, n in ops.items()])
+    if cost.value >= single.value or is_tie(cost, single, config.tie_tolerance):
+        return None
+    return Dispatch(small=a, large=b, threshold=min_b), cost
+
+
+def select_layer(
+    name: str, ops: Mapping[OpShape, int], trials: Mapping[OpShape, Mapping[Candidate, Trial]],
+    weight: Tensor, bias: Tensor | None, activations: Tensor | None, config: TuneConfig,
+) -> LayerPlan:
+    """Decide one layer. `trials[op]` must hold a Trial for every candidate considered."""
+    plan = LayerPlan(name=name, ops=dict(ops), status="tuned")
+    if not ops or activations is None:
+        plan.status = "unseen"
+        return plan
+    cands = list(dict.fromkeys(c for op in ops for c in trials[op]))
+    costs: dict[Candidate, Cost] = {}
+    for cand in cands:
+        row = CandidateRow(cand, per_op={op: trials[op][cand] for op in ops if cand in trials[op]})
+        missing = [op for op in ops if cand not in trials[op] or not trials[op][cand].ok]
+        if missing:
+            first = trials[missing[0]].get(cand)
+            why = first.reason if first is not None and first.reason else "not timed"
+            row.reason = f"{missing[0].label()}: {why}"
+        else:
+            row.cost = weighted_cost([(trials[op][cand].cost, n) for op, n in ops.items()])
+            costs[cand] = row.cost
+            if is_baseline(cand):
+                plan.baseline_cost = row.cost
+        plan.rows.append(row)
+    dtype = max(ops, key=lambda op: ops[op]).torch_dtype
+    accuracy = _Accuracy(weight, bias, activations, dtype)
+    winner = _choose(costs, accuracy, config) if costs else None
+    if winner is None:
+        plan.status = "kept float: no candidate could be timed" if not costs else "kept float: no candidate passed the accuracy floor"
+        log.warning("layer %s %s", name, plan.status)
+    else:
+        plan.winner, plan.cost = winner, costs[winner]
+        plan.sqnr_db = accuracy(winner)[0]
+        per_op = {op: {c: trials[op][c].cost for c in costs} for op in ops}
+        found = _dispatch(ops, per_op, accuracy, config, plan.cost) if len(ops) > 1 else None
+        if found is not None:
+            plan.dispatch, plan.cost = found
+            plan.winner = None
+            plan.sqnr_db = min(accuracy(found[0].small)[0], accuracy(found[0].large)[0])
+    for row in plan.rows:
+        if row.candidate in accuracy.cache:
+            row.sqnr_db, row.nbytes, err = accuracy.cache[row.candidate]
+            if err and row.reason is None:
+                row.reason = err
+            elif row.reason is None and not _passes(accuracy.cache[row.candidate], row.candidate, config.min_sqnr):
+                row.reason = f"SQNR {row.sqnr_db:.1f} dB below min_sqnr {config.min_sqnr} dB"
+    return plan

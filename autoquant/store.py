@@ -1,0 +1,67 @@
+"""The small store interface the tuner talks to, and its in-memory implementation.
+
+The SQL tuning cache (`autoquant.cache_db`) implements the same protocol; the tuner never knows
+which one it holds. Stores keep raw measurements, never winners (DESIGN.md section 1).
+
+>>> from autoquant.keys import OpShape, Timed, BenchKey, Measurement
+>>> s = MemoryStore()
+>>> k = BenchKey("env", "float", "{}", 1, OpShape(1, 8, 8, False, "float32"), Timed.FULL)
+>>> s.put_many(None, {k: Measurement(1e-6, 1e-6, 1e-6, 5)})
+>>> s.get_many([k])[k].median_s
+1e-06
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, runtime_checkable
+
+from .keys import BenchKey, Measurement
+
+if TYPE_CHECKING:
+    from .hardware import Environment
+
+__all__ = ["Store", "MemoryStore"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the tuner needs from a cache."""
+
+    def get_many(self, keys: Iterable[BenchKey]) -> dict[BenchKey, Measurement]:
+        """The stored measurements among `keys` (missing keys are simply absent), in one query."""
+        ...
+
+    def put_many(
+        self, env: "Environment | None", items: Mapping[BenchKey, Measurement]
+    ) -> None:
+        """Upsert `items` in one transaction. `env` describes the environment every key names
+        (a SQL store writes its fingerprint row); None is allowed for stores that keep no
+        environment table."""
+        ...
+
+    def describe(self) -> str:
+        """Where the data lives, for logs and the report ('memory', a file path, a URL)."""
+        ...
+
+
+class MemoryStore:
+    """A process-local store: a dict behind a lock. Nothing is written anywhere."""
+
+    def __init__(self) -> None:
+        self._rows: dict[BenchKey, Measurement] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Iterable[BenchKey]) -> dict[BenchKey, Measurement]:
+        with self._lock:
+            return {k: self._rows[k] for k in keys if k in self._rows}
+
+    def put_many(self, env: "Environment | None", items: Mapping[BenchKey, Measurement]) -> None:
+        with self._lock:
+            self._rows.update(items)
+
+    def describe(self) -> str:
+        return "memory"
+
+    def __len__(self) -> int:
+        return len(self._rows)

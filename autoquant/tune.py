@@ -1,0 +1,341 @@
+"""The tuning loop: unique ops x candidates -> cache lookup -> harness times what is missing -> cache.
+
+Timing is per unique op (shape, dtype, device), never per layer, on synthetic weights of the op's
+shape: 32 identical transformer blocks cost one benchmark per shape. A candidate that cannot run
+says why (``supports``), and one that raises while being built, run or timed is recorded with its
+reason and never stops the others.
+
+>>> import torch
+>>> from autoquant.bench import FakeTimer
+>>> from autoquant.candidates import get_family
+>>> from autoquant.keys import OpShape
+>>> from autoquant.store import MemoryStore
+>>> op = OpShape(4, 32, 16, False, "float32")
+>>> base = get_family("float")(kernel="aten")
+>>> res = tune_ops({op: [base]}, torch.device("cpu"), MemoryStore(), FakeTimer(lambda k: 1e-5),
+...                TuneConfig(), progress=False)
+>>> res[op][base].cost.value
+1e-05
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .bench import BenchJob, Timer
+from .candidates import Candidate
+from .config import TuneConfig
+from .costmodel import Cost, op_cost, timed_parts
+from .hardware import Environment, environment
+from .keys import BenchKey, Measurement, OpShape, Timed
+from .store import MemoryStore, Store
+
+__all__ = ["Trial", "tune_ops", "SafeStore", "bench_key"]
+
+log = logging.getLogger("autoquant")
+
+# Inputs smaller than this are rotated over a few copies so one buffer does not sit in cache.
+_ROTATE_BELOW_BYTES = 8 << 20
+
+
+@dataclass
+class Trial:
+    """One candidate on one op: why it was not run, or its measured parts and cost."""
+
+    candidate: Candidate
+    reason: str | None = None
+    parts: dict[Timed, Measurement] = field(default_factory=dict)
+    cost: Cost | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None and self.cost is not None
+
+
+def bench_key(env_hash: str, cand: Candidate, op: OpShape, timed: Timed) -> BenchKey:
+    return BenchKey(env_hash=env_hash, candidate=cand.family, params=cand.params_json(),
+                    version=cand.version, op=op, timed=timed)
+
+
+class SafeStore:
+    """Wraps a store so that a fault in it (locked for long, disk full, server gone) never stops
+    tuning: the failure is logged once, and from then on measurements live in memory."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.memory = MemoryStore()
+        self.failure: str | None = None
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = f"tuning cache {self.inner.describe()} failed during {what} ({type(exc).__name__}: {exc}); continuing in memory"
+            log.warning("%s", self.failure)
+
+    def get_many(self, keys: Iterable[BenchKey]) -> dict[BenchKey, Measurement]:
+        keys = list(keys)
+        found = self.memory.get_many(keys)
+        if self.failure is None:
+            try:
+                found.update(self.inner.get_many([k for k in keys if k not in found]))
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("lookup", exc)
+        return found
+
+    def put_many(self, env: Environment | None, items: Mapping[BenchKey, Measurement]) -> None:
+        self.memory.put_many(env, items)
+        if self.failure is None:
+            try:
+                self.inner.put_many(env, items)
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("write", exc)
+
+    def describe(self) -> str:
+        return self.inner.describe() + (" (failed; in memory)" if self.failure else "")
+
+
+def _synthetic(op: OpShape, device: torch.device) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Weight, bias and rotated inputs for timing `op`; seeded by the shape so reruns agree."""
+    gen = torch.Generator().manual_seed(op.m * 1_000_003 + op.k * 1009 + op.n)
+    dtype = op.torch_dtype
+    weight = (torch.randn(op.n, op.k, generator=gen) * op.k ** -0.5).to(device=device, dtype=dtype)
+    bias = (torch.randn(op.n, generator=gen) * 0.1).to(device=device, dtype=dtype) if op.bias else None
+    nbytes = op.m * op.k * torch.finfo(dtype).bits // 8
+    copies = 1 if nbytes >= _ROTATE_BELOW_BYTES or device.type == "cuda" else 3
+    xs = [torch.randn(op.m, op.k, generator=gen).to(device=device, dtype=dtype) for _ in range(copies)]
+    return weight, bias, xs
+
+
+def _cycling(fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> Callable[[], Tensor]:
+    if len(xs) == 1:
+        x = xs[0]
+        return lambda: fn(x)
+    it = itertools.cycle(xs)
+    return lambda: fn(next(it))
+
+
+def _jobs_for(
+    cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], module: torch.nn.Module,
+    xs: Sequence[Tensor],
+) -> list[BenchJob]:
+    jobs = []
+    for part in parts:
+        key = bench_key(env_hash, cand, op, part)
+        if part is Timed.FULL:
+            fn = _cycling(module, xs)
+        elif part is Timed.RELU:
+            fn = _cycling(lambda x: torch.relu(module(torch.relu(x))), xs)
+        else:
+            mm = cand.matmul_part(xs[0].contiguous(), module.packed(), module._runtime, module.bias)
+            if mm is None:
+                raise RuntimeError(f"{cand.name} is dynamic but gives no matmul part to time")
+            fn = mm
+        jobs.append(BenchJob(key, fn))
+    return jobs
+
+
+def _check_output(module: torch.nn.Module, x: Tensor, op: OpShape) -> None:
+    y = module(x)
+    if tuple(y.shape) != (op.m, op.n):
+        raise RuntimeError(f"output shape {tuple(y.shape)} != expected {(op.m, op.n)}")
+    if y.dtype != x.dtype:
+        raise RuntimeError(f"output dtype {y.dtype} != activation dtype {x.dtype}")
+    if op.m and not bool(torch.isfinite(y).all()):
+        raise RuntimeError("output has NaN or Inf on finite inputs")
+
+
+def _measure(timer: Timer, jobs: list[BenchJob], device: torch.device) -> dict[BenchKey, Measurement]:
+    """Time `jobs` interleaved; if the group fails, time each alone so one bad job stays alone."""
+    try:
+        return dict(zip((j.key for j in jobs), timer.measure(jobs, device)))
+    except Exception:
+        out: dict[BenchKey, Measurement] = {}
+        for job in jobs:
+            try:
+                out[job.key] = timer.measure([job], device)[0]
+            except Exception as exc:  # recorded by the caller as this candidate's reason
+                log.debug("timing %s failed: %s", job.key, exc)
+        return out
+
+
+def _bench_op(
+    op: OpShape, cands: Sequence[Candidate], device: torch.device, env_hash: str, timer: Timer,
+    config: TuneConfig, trials: dict[Candidate, Trial],
+) -> dict[BenchKey, Measurement]:
+    """Build, check and time every candidate in `cands` on `op`; fills reasons into `trials`."""
+    weight, bias, xs = _synthetic(op, device)
+    jobs: list[BenchJob] = []
+    owners: dict[BenchKey, Candidate] = {}
+    modules = []
+    for cand in cands:
+        try:
+            module = cand.build(weight, bias)
+            with torch.no_grad():
+                _check_output(module, xs[0], op)
+            parts = timed_parts(config.cost_model, cand.dynamic_activation)
+            cand_jobs = _jobs_for(cand, op, env_hash, parts, module, xs)
+        except Exception as exc:  # a failing candidate never takes tuning down
+            trials[cand].reason = f"failed: {type(exc).__name__}: {exc}"
+            log.info("%s on %s: %s", cand.name, op.label(), trials[cand].reason)
+            continue
+        modules.append(module)
+        jobs.extend(cand_jobs)
+        owners.update({j.key: cand for j in cand_jobs})
+    jobs, measured = _screen(jobs, owners, device, timer, config)
+    measured.update(_measure(timer, jobs, device))
+    for key, cand in owners.items():
+        if key not in measured and trials[cand].reason is None:
+            trials[cand].reason = "failed while being timed"
+    _retime_top(op, jobs, measured, owners, trials, device, timer, config)
+    del modules
+    return {k: v for k, v in measured.items() if trials[owners[k]].reason is None}
+
+
+def _screen(
+    jobs: list[BenchJob], owners: dict[BenchKey, Candidate], device: torch.device, timer: Timer,
+    config: TuneConfig,
+) -> tuple[list[BenchJob], dict[BenchKey, Measurement]]:
+    """A couple of calls per candidate; those `hopeless_factor` times slower than the fastest keep
+    that rough single-sample figure instead of a full timing (fp8 on a CPU can be 50x slower than
+    fp32: timing it properly would dominate tuning, and it cannot win)."""
+    primary = [j for j in jobs if j.key.timed is not Timed.MATMUL]
+    if len(primary) < 2 or config.hopeless_factor <= 0:
+        return jobs, {}
+    rough: dict[BenchKey, float] = {}
+    for job in primary:
+        try:
+            rough[job.key] = timer.quick(job, device)
+        except Exception as exc:  # left to the full timing, which records the failure
+            log.debug("screening %s failed: %s", job.key, exc)
+    if not rough:
+        return jobs, {}
+    best = min(rough.values())
+    hopeless = {owners[k] for k, t in rough.items() if t > config.hopeless_factor * best}
+    keep, measured = [], {}
+    for job in jobs:
+        if owners[job.key] not in hopeless:
+            keep.append(job)
+            continue
+        t = rough.get(job.key)
+        if t is None:  # the MATMUL part of a hopeless dynamic candidate: one rough call too
+            try:
+                t = timer.quick(job, device)
+            except Exception:  # noqa: BLE001 - recorded as "failed while being timed"
+                continue
+        measured[job.key] = Measurement(t, t, t, 1, None)
+    return keep, measured
+
+
+def _retime_top(
+    op: OpShape, jobs: list[BenchJob], measured: dict[BenchKey, Measurement],
+    owners: dict[BenchKey, Candidate], trials: dict[Candidate, Trial], device: torch.device,
+    timer: Timer, config: TuneConfig,
+) -> None:
+    """Re-time the cheapest `retime_top` candidates together, so the decision between the two
+    closest is made from one interleaved run (DESIGN.md section 5: the machine is noisy)."""
+    if config.retime_top < 2:
+        return
+    costs = {}
+    for cand in {owners[k] for k in measured}:
+        parts = {k.timed: measured[k] for k in measured if owners[k] is cand}
+        if trials[cand].reason is None and len(parts) == len(timed_parts(config.cost_model, cand.dynamic_activation)):
+            costs[cand] = op_cost(config.cost_model, cand.dynamic_activation, parts).value
+    top = sorted(costs, key=lambda c: (costs[c], c.order, c.params_json()))[: config.retime_top]
+    if len(top) < 2:
+        return
+    again = [j for j in jobs if owners[j.key] in top]
+    measured.update(_measure(timer, again, device))
+
+
+def tune_ops(
+    ops: Mapping[OpShape, Sequence[Candidate]], device: torch.device, store: Store, timer: Timer,
+    config: TuneConfig, *, progress: bool = True, env: Environment | None = None,
+) -> dict[OpShape, dict[Candidate, Trial]]:
+    """For each op, a Trial per candidate: cached or freshly measured cost, or the reason it has
+    none. Measurements found in `store` are not timed again; new ones are written per op."""
+    env = env or environment(device)
+    env_hash = env.hash
+    results: dict[OpShape, dict[Candidate, Trial]] = {}
+    wanted: dict[BenchKey, tuple[OpShape, Candidate]] = {}
+    for op, cands in ops.items():
+        trials = results.setdefault(op, {})
+        for cand in cands:
+            trials[cand] = trial = Trial(cand)
+            reason = _supports(cand, device, op)
+            if reason is not None:
+                trial.reason = reason
+                continue
+            for part in timed_parts(config.cost_model, cand.dynamic_activation):
+                wanted[bench_key(env_hash, cand, op, part)] = (op, cand)
+    found = store.get_many(wanted)
+    todo: dict[OpShape, list[Candidate]] = {}
+    for key, (op, cand) in wanted.items():
+        if key not in found and cand not in todo.get(op, []):
+            todo.setdefault(op, []).append(cand)
+    bar = _progress(sum(len(c) for c in todo.values()), progress)
+    started = time.perf_counter()
+    for i, (op, cands) in enumerate(sorted(todo.items())):
+        fresh = _bench_op(op, cands, device, env_hash, timer, config, results[op])
+        if fresh:
+            store.put_many(env, fresh)
+        found.update(fresh)
+        bar.update(len(cands), op)
+        if not bar.tty:
+            log.info("tuned op %d/%d %s: %d candidates in %.1fs", i + 1, len(todo), op.label(),
+                     len(cands), time.perf_counter() - started)
+    bar.close()
+    for op, trials in results.items():
+        for cand, trial in trials.items():
+            if trial.reason is not None:
+                continue
+            parts_needed = timed_parts(config.cost_model, cand.dynamic_activation)
+            keys = [bench_key(env_hash, cand, op, p) for p in parts_needed]
+            if all(k in found for k in keys):
+                trial.parts = {p: found[k] for p, k in zip(parts_needed, keys)}
+                trial.cost = op_cost(config.cost_model, cand.dynamic_activation, trial.parts)
+                trial.cached = cand not in todo.get(op, [])
+            else:
+                trial.reason = trial.reason or "no measurement (timing failed)"
+    return results
+
+
+def _supports(cand: Candidate, device: torch.device, op: OpShape) -> str | None:
+    try:
+        return cand.supports(device, op)
+    except Exception as exc:  # supports() must not raise; if it does, that is the reason
+        return f"supports() raised {type(exc).__name__}: {exc}"
+
+
+class _Bar:
+    """tqdm with an ETA on a terminal; plain log lines (from the caller) elsewhere."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.tty = bool(enabled and total and sys.stderr.isatty())
+        self._bar = None
+        if self.tty:
+            from tqdm.auto import tqdm  # noqa: PLC0415 - only when a bar is shown
+
+            self._bar = tqdm(total=total, desc="autoquant tuning", unit="kernel", leave=False)
+
+    def update(self, n: int, op: OpShape) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(op.label(), refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _progress(total: int, enabled: bool) -> _Bar:
+    if enabled and total:
+        log.info("autoquant: timing %d (op, kernel) pairs", total)
+    return _Bar(total, enabled)

