@@ -10,6 +10,9 @@ from .bench import BenchConfig, CountingTimer, CpuTimer, CudaTimer, FakeTimer
 from .config import CostModel, TuneConfig
 from .hardware import AUTOQUANT_VERSION as __version__
 from .keys import BenchKey, Measurement, OpShape, Timed
+from .plan import apply_plan, load_plan, save_plan
+from .pretune import pretune
+from .profile import ShapeProfile, record_shapes
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight
 
@@ -17,4 +20,5 @@ __all__ = [
     "__version__", "autoquant", "finalize", "report", "get_report", "DEFAULT_CACHE",
     "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
     "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
+    "apply_plan", "load_plan", "save_plan", "pretune", "ShapeProfile", "record_shapes",
 ]

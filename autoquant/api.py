@@ -30,7 +30,7 @@ from .report import TuningReport
 from .selection import LayerPlan, is_baseline, select_layer
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
-from .tune import SafeStore, tune_ops
+from .tune import ON_MISS, SafeStore, tune_ops
 
 __all__ = ["autoquant", "finalize", "report", "DEFAULT_CACHE", "get_report"]
 
@@ -60,6 +60,7 @@ class _Session:
     cache: Any
     timer: Timer | None
     progress: bool
+    on_miss: str = "bench"
     hooks: list[Any] = field(default_factory=list)
 
 
@@ -137,6 +138,7 @@ def autoquant(
     progress: bool = True,
     timer: Timer | None = None,
     bench: BenchConfig | None = None,
+    on_miss: str = "bench",
 ) -> nn.Module:
     """Prepare `model` (in place) so each nn.Linear ends up on its fastest kernel here.
 
@@ -153,6 +155,9 @@ def autoquant(
     - `cache`: a path or SQL URL, a Store, or None for memory only; default $AUTOQUANT_CACHE_URL
       or a SQLite file in the user cache dir (see ``autoquant cache path``).
     - `timer` / `bench`: the timing harness and its settings (tests pass a fake timer).
+    - `on_miss`: what to do for measurements the cache lacks: "bench" (time them), "error"
+      (raise CacheMissError before timing anything: strict deployments on pre-tuned SKUs) or
+      "baseline" (time nothing; layers without cached figures stay float).
 
     Changes no global state (inductor flags, TF32, logging config). Works on a plain module and on
     a ``torch.compile``-d one. Returns `model`.
@@ -175,6 +180,8 @@ def autoquant(
         log.warning("autoquant: this model was already tuned and finalized; returning it unchanged "
                     "(see autoquant.report(model))")
         return model
+    if on_miss not in ON_MISS:
+        raise ValueError(f"on_miss={on_miss!r}: use one of {ON_MISS}")
     config = TuneConfig(
         cost_model=CostModel.parse(mode), min_sqnr=min_sqnr,
         candidates=None, bench=bench or BenchConfig(),
@@ -188,7 +195,8 @@ def autoquant(
         records[name] = LayerRecord(name, max_rows=config.activation_rows)
         lin.weight = nn.Parameter(AutoQuantizableLinearWeight.wrap(lin.weight, records[name]),
                                   requires_grad=lin.weight.requires_grad)
-    session = _Session(config, layers, records, skipped, _parse_candidates(candidates), cache, timer, progress)
+    session = _Session(config, layers, records, skipped, _parse_candidates(candidates), cache, timer,
+                       progress, on_miss)
     object.__setattr__(root, _SESSION_ATTR, session)
     if example_input is not None:
         with torch.no_grad():
@@ -323,7 +331,8 @@ def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], s
         env = environment(device)
         envs.append(env)
         timer = session.timer or default_timer(device, session.config.bench)
-        trials[device] = tune_ops(ops, device, safe, timer, session.config, progress=session.progress, env=env)
+        trials[device] = tune_ops(ops, device, safe, timer, session.config, progress=session.progress,
+                                  env=env, on_miss=session.on_miss)
     if safe.failure:
         warnings_.append(safe.failure)
     plans: dict[str, LayerPlan] = {}

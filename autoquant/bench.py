@@ -140,7 +140,7 @@ class CpuTimer:
     def quick(self, job: BenchJob, device: torch.device) -> float:
         with fixed_threads(self.config.cpu_threads), torch.no_grad():
             best = math.inf
-            for _ in range(2):
+            for _ in range(3):
                 t0 = time.perf_counter()
                 job.fn()
                 best = min(best, time.perf_counter() - t0)

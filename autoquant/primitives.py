@@ -29,13 +29,27 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SCALE_EPS", "ACT_EPS", "INT8_QMAX", "FP8_DTYPE", "FP8_MAX", "INT4_QMAX", "INT4_MID",
+    "ACT_EPS",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "INT4_MID",
+    "INT4_QMAX",
+    "INT8_QMAX",
+    "SCALE_EPS",
+    "dequant_fp8_per_row",
+    "dequant_int8_per_channel",
+    "fp8_per_row",
+    "int4_grouped_asym",
+    "int4_grouped_dequant",
+    "int8_act_per_token",
+    "int8_weight_per_channel",
+    "pack_int4_lo_first",
     "sqnr",
-    "int8_weight_per_channel", "dequant_int8_per_channel",
-    "int8_act_per_token", "uint8_act_per_tensor_qparams", "uint8_act_per_tensor",
-    "int4_grouped_asym", "int4_grouped_dequant", "pack_int4_lo_first", "unpack_int4_lo_first",
     "swap_nibbles",
-    "fp8_per_row", "dequant_fp8_per_row",
+    "uint8_act_per_tensor",
+    "uint8_act_per_tensor_qparams",
+    "uint8_act_per_token_offset",
+    "unpack_int4_lo_first",
 ]
 
 # float32 eps (1.19e-7): the floor for every scale. Small enough never to bind on real weights,
@@ -99,6 +113,18 @@ def int8_act_per_token(x: Tensor, qmax: int = INT8_QMAX) -> tuple[Tensor, Tensor
     return q, scale
 
 
+def uint8_act_per_token_offset(x: Tensor, qmax: int, offset: int) -> tuple[Tensor, Tensor]:
+    """:func:`int8_act_per_token` codes shifted into uint8: ``round(x / scale) + offset``.
+
+    With qmax=63 and offset=64 the codes lie in 1..127: per-token symmetric quantization fed to a
+    kernel that takes one (uint8) zero point per tensor, as onednn.qlinear_pointwise does.
+    """
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1) / qmax).clamp_min(ACT_EPS)
+    q = torch.round(xf / scale[:, None]).clamp_(-qmax, qmax).add_(offset).to(torch.uint8)
+    return q, scale
+
+
 # Below this scale fbgemm's ChooseQuantizationParams widens the range (quant_utils.h).
 _FBGEMM_SMALL_SCALE = 6.1e-5
 
@@ -132,7 +158,7 @@ def uint8_act_per_tensor_qparams(x: Tensor, qmax: int) -> tuple[float, int]:
     err_min = 0 - abs(lo / scale)
     err_max = qmax - abs(hi / scale)
     zp = zp_from_min if err_min < err_max else zp_from_max
-    zp_int = 0 if zp < 0 else qmax if zp > qmax else int(round(zp))  # Python round: half to even
+    zp_int = 0 if zp < 0 else qmax if zp > qmax else round(zp)  # Python round: half to even
     return scale, zp_int
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .hardware import Environment
     from .selection import LayerPlan
 
-__all__ = ["TuningReport"]
+__all__ = ["TuningReport", "plot_report"]
 
 log = logging.getLogger("autoquant")
 
@@ -124,7 +124,54 @@ class TuningReport:
                 f"chosen: {chosen or 'nothing'}; cache: {self.cache}")
         return text + "".join(f"\n  warning: {w}" for w in self.warnings)
 
+    def plot(self, path: str) -> str:
+        """PNG of per-layer speedup and candidate times per op; see :func:`plot_report`."""
+        return plot_report(self, path)
+
     def log_summary(self) -> None:
         log.info("%s", self.summary())
         for w in self.warnings:
             log.warning("%s", w)
+
+
+def plot_report(rep: TuningReport, path: str) -> str:
+    """Write a PNG with two panels: per-layer speedup over the float baseline, and each
+    candidate's time per op (µs, log scale). Needs matplotlib (the [notebooks] extra)."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional dependency
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as exc:
+        raise ImportError("plotting a report needs matplotlib: pip install 'autoquant-tuner[notebooks]'") from exc
+    frame = rep.to_frame()
+    tuned = frame[frame["status"] == "tuned"]
+    per_op: dict[str, dict[str, float]] = {}
+    for plan in rep.layers:
+        for row in plan.rows:
+            for op, trial in row.per_op.items():
+                if trial.cost is not None:
+                    per_op.setdefault(op.label(), {})[row.candidate.name] = trial.cost.value * 1e6
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(tuned) + 4), 9))
+    colors = ["tab:green" if s >= 1 else "tab:red" for s in tuned["speedup"].fillna(1.0)]
+    ax1.bar(range(len(tuned)), tuned["speedup"].fillna(1.0), color=colors)
+    ax1.axhline(1.0, color="black", linewidth=0.8)
+    ax1.set_xticks(range(len(tuned)), [f"{l}\n{w}" for l, w in zip(tuned["layer"], tuned["winner"])],
+                   rotation=90, fontsize=7)
+    ax1.set_ylabel("speedup vs float baseline")
+    ax1.set_title("per-layer speedup of the chosen kernel")
+    ops = sorted(per_op)
+    cands = sorted({c for v in per_op.values() for c in v})
+    width = 0.8 / max(1, len(cands))
+    for i, cand in enumerate(cands):
+        ax2.bar([j + i * width for j in range(len(ops))], [per_op[o].get(cand, 0.0) for o in ops],
+                width=width, label=cand)
+    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops, rotation=30, fontsize=7, ha="right")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("µs per call")
+    ax2.set_title("candidate times per op")
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -38,7 +38,13 @@ from .hardware import Environment, environment
 from .keys import BenchKey, Measurement, OpShape, Timed
 from .store import MemoryStore, Store
 
-__all__ = ["Trial", "tune_ops", "SafeStore", "bench_key"]
+__all__ = ["Trial", "tune_ops", "SafeStore", "bench_key", "CacheMissError", "ON_MISS"]
+
+ON_MISS = ("bench", "error", "baseline")
+
+
+class CacheMissError(RuntimeError):
+    """Raised with on_miss="error" when the tuning cache lacks measurements this run needs."""
 
 log = logging.getLogger("autoquant")
 
@@ -189,8 +195,9 @@ def _bench_op(
         modules.append(module)
         jobs.extend(cand_jobs)
         owners.update({j.key: cand for j in cand_jobs})
-    jobs, measured = _screen(jobs, owners, device, timer, config)
-    measured.update(_measure(timer, jobs, device))
+    jobs, deferred, rough = _screen(jobs, owners, device, timer, config)
+    measured = _measure(timer, jobs, device)
+    jobs += _settle_deferred(jobs, deferred, rough, measured, owners, device, timer, config)
     for key, cand in owners.items():
         if key not in measured and trials[cand].reason is None:
             trials[cand].reason = "failed while being timed"
@@ -202,36 +209,52 @@ def _bench_op(
 def _screen(
     jobs: list[BenchJob], owners: dict[BenchKey, Candidate], device: torch.device, timer: Timer,
     config: TuneConfig,
-) -> tuple[list[BenchJob], dict[BenchKey, Measurement]]:
-    """A couple of calls per candidate; those `hopeless_factor` times slower than the fastest keep
-    that rough single-sample figure instead of a full timing (fp8 on a CPU can be 50x slower than
-    fp32: timing it properly would dominate tuning, and it cannot win)."""
+) -> tuple[list[BenchJob], list[BenchJob], dict[Candidate, float]]:
+    """A few calls per candidate; returns (jobs to time now, jobs deferred as hopeless, rough
+    seconds per candidate). Hopeless: `hopeless_factor` times slower than the fastest first calls
+    (fp8 on a CPU can be 50x slower than fp32: timing it fully would dominate tuning)."""
     primary = [j for j in jobs if j.key.timed is not Timed.MATMUL]
     if len(primary) < 2 or config.hopeless_factor <= 0:
-        return jobs, {}
-    rough: dict[BenchKey, float] = {}
+        return jobs, [], {}
+    rough: dict[Candidate, float] = {}
     for job in primary:
         try:
-            rough[job.key] = timer.quick(job, device)
+            rough[owners[job.key]] = timer.quick(job, device)
         except Exception as exc:  # left to the full timing, which records the failure
             log.debug("screening %s failed: %s", job.key, exc)
     if not rough:
-        return jobs, {}
+        return jobs, [], {}
     best = min(rough.values())
-    hopeless = {owners[k] for k, t in rough.items() if t > config.hopeless_factor * best}
-    keep, measured = [], {}
-    for job in jobs:
-        if owners[job.key] not in hopeless:
-            keep.append(job)
+    hopeless = {c for c, t in rough.items() if t > config.hopeless_factor * best}
+    keep = [j for j in jobs if owners[j.key] not in hopeless]
+    deferred = [j for j in jobs if owners[j.key] in hopeless]
+    return keep, deferred, rough
+
+
+def _settle_deferred(
+    jobs: list[BenchJob], deferred: list[BenchJob], rough: dict[Candidate, float],
+    measured: dict[BenchKey, Measurement], owners: dict[BenchKey, Candidate], device: torch.device,
+    timer: Timer, config: TuneConfig,
+) -> list[BenchJob]:
+    """Deferred candidates whose first calls were within `hopeless_factor` of the best FULL
+    timing after all (the screen's first calls can be inflated by a neighbour's load) are timed
+    properly; the rest keep a rough single-sample figure. Returns the jobs timed properly."""
+    full = [measured[j.key].median_s for j in jobs if j.key.timed is not Timed.MATMUL and j.key in measured]
+    best = min(full, default=float("inf"))
+    recheck = [j for j in deferred if rough.get(owners[j.key], float("inf")) <= config.hopeless_factor * best]
+    if recheck:
+        measured.update(_measure(timer, recheck, device))
+    for job in deferred:
+        if job in recheck or job.key in measured:
             continue
-        t = rough.get(job.key)
+        t = rough.get(owners[job.key]) if job.key.timed is not Timed.MATMUL else None
         if t is None:  # the MATMUL part of a hopeless dynamic candidate: one rough call too
             try:
                 t = timer.quick(job, device)
             except Exception:  # noqa: BLE001 - recorded as "failed while being timed"
                 continue
         measured[job.key] = Measurement(t, t, t, 1, None)
-    return keep, measured
+    return recheck
 
 
 def _retime_top(
@@ -258,9 +281,17 @@ def _retime_top(
 def tune_ops(
     ops: Mapping[OpShape, Sequence[Candidate]], device: torch.device, store: Store, timer: Timer,
     config: TuneConfig, *, progress: bool = True, env: Environment | None = None,
+    on_miss: str = "bench",
 ) -> dict[OpShape, dict[Candidate, Trial]]:
     """For each op, a Trial per candidate: cached or freshly measured cost, or the reason it has
-    none. Measurements found in `store` are not timed again; new ones are written per op."""
+    none. Measurements found in `store` are not timed again; new ones are written per op, so an
+    interrupted run resumes where it stopped.
+
+    `on_miss`: "bench" times what the cache lacks; "error" raises CacheMissError naming it, before
+    timing anything; "baseline" times nothing and leaves missing candidates out (a layer with
+    nothing cached stays float)."""
+    if on_miss not in ON_MISS:
+        raise ValueError(f"on_miss={on_miss!r}: use one of {ON_MISS}")
     env = env or environment(device)
     env_hash = env.hash
     results: dict[OpShape, dict[Candidate, Trial]] = {}
@@ -280,6 +311,19 @@ def tune_ops(
     for key, (op, cand) in wanted.items():
         if key not in found and cand not in todo.get(op, []):
             todo.setdefault(op, []).append(cand)
+    if todo and on_miss == "error":
+        pairs = [(op, c) for op, cs in todo.items() for c in cs]
+        shown = "; ".join(f"{op.label()} {c.name}" for op, c in pairs[:5])
+        raise CacheMissError(
+            f"{len(pairs)} (op, kernel) measurements are missing from the tuning cache "
+            f"{store.describe()} for {env.short()} (e.g. {shown}). Pre-tune this SKU with "
+            "`autoquant pretune PROFILE --cache URL`, or pass on_miss='bench' (time them now) or "
+            "on_miss='baseline' (keep those layers float)")
+    if todo and on_miss == "baseline":
+        for op, cs in todo.items():
+            for c in cs:
+                results[op][c].reason = "not in the tuning cache (on_miss='baseline')"
+        todo = {}
     bar = _progress(sum(len(c) for c in todo.values()), progress)
     started = time.perf_counter()
     for i, (op, cands) in enumerate(sorted(todo.items())):

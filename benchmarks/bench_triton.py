@@ -9,8 +9,8 @@ For each scheme, M in {1, 16, 64, 256, 1024} and (K, N) in {(4096, 4096), (4096,
     int8_dyn        int8_dynamic_linear (quantize + mm)    per-token quantize in torch ops +
                                                            torch._int_mm + rescale
     int8_dyn_mm     int8_dyn_mm (activation pre-quantized) torch._int_mm + rescale
-    int4_wo (G=128) int4_wo_mm                             tinygemm torch._weight_int4pack_mm with its
-                                                           own packing (_convert_weight_to_int4pack)
+    int4_wo (G=128) int4_wo_mm                             tinygemm torch._weight_int4pack_mm, own
+                                                           packing (_convert_weight_to_int4pack)
     fp8_rowwise     fp8_rowwise_mm (pre-quantized)         torch._scaled_mm with row-wise scales
 
 and reports speedups: ``vs_bf16`` = t(bf16 F.linear) / t(impl), ``vs_builtin`` = t(builtin) /
@@ -26,21 +26,22 @@ int8_dyn (fused, full op) at M=1024 >= 1.5x bf16.
 Usage::
 
     python benchmarks/bench_triton.py --out benchmarks/results/triton_h100.csv   # needs a GPU
-    python benchmarks/bench_triton.py --dry-run    # tiny shapes on CPU through the Triton interpreter
+    python benchmarks/bench_triton.py --dry-run    # tiny shapes, CPU, Triton interpreter
 
 Without a GPU (and without --dry-run) the script says so and exits 0.
 """
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ INT4_GROUP = 128
 TARGETS = {("int8_wo", 1): 1.6, ("int4_wo", 1): 2.5, ("int8_dyn", 1024): 1.5}
 
 Fn = Callable[[], torch.Tensor]
+Timer = Callable[[Fn], float]
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,10 @@ class Row:
     k: int
     n: int
     bf16_us: float
-    builtin_us: Optional[float]
-    triton_us: Optional[float]
-    vs_bf16: Optional[float]
-    vs_builtin: Optional[float]
+    builtin_us: float | None
+    triton_us: float | None
+    vs_bf16: float | None
+    vs_builtin: float | None
     note: str
 
 
@@ -145,7 +147,7 @@ def scheme_int8_wo(x: torch.Tensor, n: int):
         log.info("_weight_int8pack_mm unavailable (%s); builtin = dequantize + F.linear", exc)
         note = "builtin=dequant+F.linear"
 
-        def builtin() -> torch.Tensor:  # noqa: F811  (the unfused fallback)
+        def builtin() -> torch.Tensor:
             return F.linear(x, w.to(x.dtype) * s_x[:, None])
 
     return (lambda: K.int8_wo_mm(x, w, s)), builtin, K.int8_wo_mm_reference(x, w, s), note
@@ -158,9 +160,11 @@ def _torch_int8_dynamic(x: torch.Tensor, w_t: torch.Tensor, s: torch.Tensor) -> 
     return (torch._int_mm(xq, w_t).float() * xs[:, None] * s[None, :]).to(x.dtype)
 
 
-def _int_mm_note(m: int, device: str) -> Optional[str]:
+def _int_mm_note(m: int, device: str) -> str | None:
     # torch._int_mm on CUDA needs M > 16 (and K, N multiples of 8).
-    return "builtin n/a: torch._int_mm needs M > 16 on CUDA" if device == "cuda" and m <= 16 else None
+    return (
+        "builtin n/a: torch._int_mm needs M > 16 on CUDA" if device == "cuda" and m <= 16 else None
+    )
 
 
 def scheme_int8_dyn(x: torch.Tensor, n: int):
@@ -171,7 +175,12 @@ def scheme_int8_dyn(x: torch.Tensor, n: int):
     note = _int_mm_note(x.shape[0], x.device.type)
     builtin = None if note else (lambda: _torch_int8_dynamic(x, w_t, s))
     ref = K.int8_dynamic_linear_reference(x, w, s)
-    return (lambda: K.int8_dynamic_linear(x, w, s)), builtin, ref, note or "builtin=quantize+_int_mm"
+    return (
+        (lambda: K.int8_dynamic_linear(x, w, s)),
+        builtin,
+        ref,
+        note or "builtin=quantize+_int_mm",
+    )
 
 
 def scheme_int8_dyn_mm(x: torch.Tensor, n: int):
@@ -186,7 +195,7 @@ def scheme_int8_dyn_mm(x: torch.Tensor, n: int):
         return (torch._int_mm(xq, w_t).float() * xs[:, None] * s[None, :]).to(x.dtype)
 
     ref = K.int8_dyn_mm_reference(xq, xs, w, s, None, x.dtype)
-    triton_fn = lambda: K.int8_dyn_mm(xq, xs, w, s, out_dtype=x.dtype)  # noqa: E731
+    triton_fn = lambda: K.int8_dyn_mm(xq, xs, w, s, out_dtype=x.dtype)
     return triton_fn, (None if note else builtin), ref, note or "builtin=_int_mm+rescale"
 
 
@@ -215,11 +224,11 @@ def scheme_int4_wo(x: torch.Tensor, n: int):
     ref = K.int4_wo_mm_reference(x, packed, scales, zeros, INT4_GROUP)
     note = f"G={INT4_GROUP}, builtin=tinygemm"
     try:
-        builtin: Optional[Fn] = _tinygemm(x, q, scales, zeros)
+        builtin: Fn | None = _tinygemm(x, q, scales, zeros)
         builtin()
     except (RuntimeError, NotImplementedError) as exc:
         builtin, note = None, f"G={INT4_GROUP}, builtin n/a: {str(exc).splitlines()[0][:80]}"
-    triton_fn = lambda: K.int4_wo_mm(x, packed, scales, zeros, INT4_GROUP)  # noqa: E731
+    triton_fn = lambda: K.int4_wo_mm(x, packed, scales, zeros, INT4_GROUP)
     return triton_fn, builtin, ref, note
 
 
@@ -241,8 +250,9 @@ def scheme_fp8_rowwise(x: torch.Tensor, n: int):
     try:
         builtin()
     except (RuntimeError, NotImplementedError) as exc:
-        builtin, note = None, f"builtin n/a: {str(exc).splitlines()[0][:80]}"  # type: ignore[assignment]
-    triton_fn = lambda: K.fp8_rowwise_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)  # noqa: E731
+        reason = str(exc).splitlines()[0][:80]
+        builtin, note = None, f"builtin n/a: {reason}"  # type: ignore[assignment]
+    triton_fn = lambda: K.fp8_rowwise_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
     return triton_fn, builtin, ref, note
 
 
@@ -256,7 +266,7 @@ SCHEMES = {
 
 
 # ------------------------------------------------------------------------------------ driver
-def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den <= 0 else num / den
 
 
@@ -267,50 +277,67 @@ def _check(name: str, y: torch.Tensor, ref: torch.Tensor) -> None:
         log.warning("%s: output differs from the reference by %.3g of its scale", name, err)
 
 
-def run(schemes: list[str], ms: tuple, kns: tuple, device: str, timer: Callable[[Fn], float]) -> list[Row]:
+def _run_scheme(name: str, x: torch.Tensor, n: int, t_bf16: float, timer: Timer) -> Row:
+    m, k = x.shape
+    log.info("%s M=%d K=%d N=%d", name, m, k, n)
+    triton_fn, builtin, ref, note = SCHEMES[name](x, n)
+    t_tri = t_bi = None
+    if triton_fn is not None:
+        _check(f"{name} triton M={m} K={k} N={n}", triton_fn(), ref)
+        t_tri = timer(triton_fn)
+    if builtin is not None:
+        _check(f"{name} builtin M={m} K={k} N={n}", builtin(), ref)
+        t_bi = timer(builtin)
+    return Row(name, m, k, n, t_bf16, t_bi, t_tri, _ratio(t_bf16, t_tri), _ratio(t_bi, t_tri), note)
+
+
+def run(schemes: list[str], ms: tuple, kns: tuple, device: str, timer: Timer) -> list[Row]:
     rows: list[Row] = []
     for k, n in kns:
         w_bf16 = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            t_bf16 = timer(lambda: F.linear(x, w_bf16))
-            for name in schemes:
-                log.info("%s M=%d K=%d N=%d", name, m, k, n)
-                triton_fn, builtin, ref, note = SCHEMES[name](x, n)
-                t_tri = t_bi = None
-                if triton_fn is not None:
-                    _check(f"{name} triton M={m} K={k} N={n}", triton_fn(), ref)
-                    t_tri = timer(triton_fn)
-                if builtin is not None:
-                    _check(f"{name} builtin M={m} K={k} N={n}", builtin(), ref)
-                    t_bi = timer(builtin)
-                rows.append(
-                    Row(name, m, k, n, t_bf16, t_bi, t_tri, _ratio(t_bf16, t_tri), _ratio(t_bi, t_tri), note)
-                )
-                del triton_fn, builtin, ref
-        del w_bf16
-        if device == "cuda":
+            t_bf16 = timer(functools.partial(F.linear, x, w_bf16))
+            rows.extend(_run_scheme(name, x, n, t_bf16, timer) for name in schemes)
+        if device == "cuda":  # the next shape's weights should not wait on this one's
             torch.cuda.empty_cache()
     return rows
 
 
-def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+# (header, width, Row attribute, number format; "x" marks a ratio)
+_COLUMNS = (
+    ("scheme", 12, "scheme", "s"),
+    ("M", 5, "m", "d"),
+    ("K", 6, "k", "d"),
+    ("N", 6, "n", "d"),
+    ("bf16 us", 9, "bf16_us", ".1f"),
+    ("builtin us", 10, "builtin_us", ".1f"),
+    ("triton us", 9, "triton_us", ".1f"),
+    ("vs bf16", 8, "vs_bf16", ".2fx"),
+    ("vs builtin", 10, "vs_builtin", ".2fx"),
+)
+
+
+def _cell(value: object, width: int, spec: str) -> str:
+    if value is None:
+        return "-".rjust(width)
+    if spec.endswith("x"):
+        return (format(value, spec[:-1]) + "x").rjust(width)
+    return format(value, spec).ljust(width) if spec == "s" else format(value, spec).rjust(width)
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'scheme':<12} {'M':>5} {'K':>6} {'N':>6} {'bf16 us':>9} {'builtin us':>10} {'triton us':>9} {'vs bf16':>8} {'vs builtin':>10}  note"
+    header = " ".join(h.ljust(w) if s == "s" else h.rjust(w) for h, w, _, s in _COLUMNS) + "  note"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r.scheme:<12} {r.m:>5} {r.k:>6} {r.n:>6} {_fmt(r.bf16_us, '9.1f')} {_fmt(r.builtin_us, '10.1f')} "
-            f"{_fmt(r.triton_us, '9.1f')} {_fmt(r.vs_bf16, '7.2f')}x {_fmt(r.vs_builtin, '9.2f')}x  {r.note}"
-        )
+        cells = [_cell(getattr(r, attr), w, s) for _, w, attr, s in _COLUMNS]
+        print(" ".join(cells) + "  " + r.note)
     for (scheme, m), target in TARGETS.items():
         got = [r.vs_bf16 for r in rows if r.scheme == scheme and r.m == m and r.vs_bf16 is not None]
         if got:
-            print(f"target {scheme} M={m}: >= {target}x bf16; measured {', '.join(f'{g:.2f}x' for g in got)}")
+            measured = ", ".join(f"{g:.2f}x" for g in got)
+            print(f"target {scheme} M={m}: >= {target}x bf16; measured {measured}")
 
 
 def write_results(rows: list[Row], path: str, meta: dict) -> None:
@@ -331,20 +358,33 @@ def write_results(rows: list[Row], path: str, meta: dict) -> None:
 def _meta(device: str, dry_run: bool) -> dict:
     import triton
 
-    meta = {"torch": torch.__version__, "triton": triton.__version__, "dry_run": dry_run, "device": device}
+    meta = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dry_run": dry_run,
+        "device": device,
+    }
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     return meta
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write results here (.json, else CSV plus a .meta.json)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU via the Triton interpreter")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ",".join(SCHEMES))
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on CPU via the Triton interpreter"
+    )
+    parser.add_argument(
+        "--schemes",
+        default=",".join(SCHEMES),
+        help="comma-separated subset of " + ",".join(SCHEMES),
+    )
     parser.add_argument("--samples", type=int, default=100, help="timed samples per measurement")
-    parser.add_argument("--m", default=None, help="comma-separated M values (default 1,16,64,256,1024)")
+    parser.add_argument(
+        "--m", default=None, help="comma-separated M values (default 1,16,64,256,1024)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -358,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         device, ms, kns, timer = "cpu", DRY_MS, DRY_KNS, CpuTimer(samples=2, warmup=1)
     elif not torch.cuda.is_available():
         print("bench_triton.py needs a CUDA GPU to time the kernels; none is available here.")
-        print("Run with --dry-run to exercise the script on tiny shapes through the Triton interpreter.")
+        print("Run with --dry-run to exercise the script on tiny shapes (Triton interpreter, CPU).")
         return 0
     else:
         device, ms, kns, timer = "cuda", MS, KNS, CudaGraphTimer(samples=args.samples, warmup=3)
@@ -372,6 +412,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     rows = run(schemes, ms, kns, device, timer)
     print_table(rows)
+    if args.dry_run:
+        print("dry run: CPU interpreter timings only show that the script works, not performance.")
     if args.out:
         write_results(rows, args.out, _meta(device, args.dry_run))
     return 0

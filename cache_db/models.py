@@ -102,8 +102,8 @@ class MeasurementRow(Base):
     p75_s: Mapped[float] = mapped_column(Float)
     samples: Mapped[int] = mapped_column(Integer)
     load_avg: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(_Timestamp, server_default=func.now())
     host: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[datetime] = mapped_column(_Timestamp, server_default=func.now())
 
 
 class ShapeProfileRow(Base):

@@ -142,7 +142,7 @@ def apply_records(store: "SQLStore", records: int, envs: dict[str, Environment],
     first_use: dict[str, int] = {}
     for line, sm in measurements:
         first_use.setdefault(sm.key.env_hash, line)
-    now = datetime.now(timezone.utc)
+    now = store.driver_time(datetime.now(timezone.utc))  # for records that carry no time
 
     def work(conn: Connection) -> ImportReport:
         tally = _Tally()
@@ -165,8 +165,9 @@ def apply_records(store: "SQLStore", records: int, envs: dict[str, Environment],
                 continue
             elif not tally.conflict(key, old, sm.measurement, "stored"):
                 continue
+            created = now if sm.created_at is None else store.driver_time(sm.created_at)
             rows.append(store.measurement_row(ids[key.env_hash], key, sm.measurement, sm.host,
-                                              sm.created_at or now))
+                                              created))
         store.upsert_measurements(conn, rows, better_sampled_only=True)
         p_added, p_kept = _import_profiles(store, conn, profiles)
         return ImportReport(records, len(set(envs) - before), tally.inserted, tally.replaced,

@@ -1,15 +1,16 @@
 """autoquant.kernels: Triton kernels for quantized matmuls, registered as ``torch.ops.autoquant.*``.
 
-Public ops (each a ``torch.library.triton_op`` with a fake impl, so torch.compile and export trace it)::
+Public ops (each a ``torch.library.triton_op`` with a fake impl, so torch.compile and export trace
+it)::
 
-    autoquant::int8_wo_mm(x, w_int8, w_scale, bias) -> y                     int8_weight_only.py
-    autoquant::quantize_per_token_int8(x) -> (x_int8, x_scale)               int8_dynamic.py
-    autoquant::int8_dyn_mm(x_int8, x_scale, w_int8, w_scale, bias, out_dtype) -> y
-    autoquant::int4_wo_mm(x, w_packed, scales, zeros, group_size, bias) -> y int4_weight_only.py
-    autoquant::fp8_rowwise_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype) -> y   fp8_rowwise.py
+    autoquant::int8_wo_mm(x, w_int8, w_scale, bias) -> y                  int8_weight_only.py
+    autoquant::quantize_per_token_int8(x) -> (x_int8, x_scale)            int8_dynamic.py
+    autoquant::int8_dyn_mm(x_int8, x_scale, w_int8, w_scale, bias, out_dtype) -> y   (same)
+    autoquant::int4_wo_mm(x, w_packed, scales, zeros, group_size, bias) -> y   int4_weight_only.py
+    autoquant::fp8_rowwise_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype) -> y  fp8_rowwise.py
 
-The Python wrappers below check arguments (ValueError naming the argument) and raise RuntimeError when
-Triton is missing. Every op has a ``*_reference`` twin in plain PyTorch with the same contract.
+The Python wrappers below check arguments (ValueError naming the argument) and raise RuntimeError
+when Triton is missing. Every op has a ``*_reference`` twin in plain PyTorch with the same contract.
 
 Importing this package has no side effects beyond registering the ops: it queries no device and
 compiles nothing; it imports ``triton`` only to set ``HAS_TRITON``. Kernels are decorated on first
@@ -17,7 +18,7 @@ use, so ``TRITON_INTERPRET=1`` (run on CPU through the interpreter) must be set 
 launch. Kernels run on CUDA tensors, or on CPU tensors under the interpreter.
 """
 
-from ._registry import HAS_TRITON
+from ._registry import HAS_TRITON, unavailable_reason
 from .fp8_rowwise import fp8_rowwise_mm, fp8_rowwise_mm_reference, quantize_rowwise_fp8_reference
 from .int4_weight_only import (
     dequantize_int4_reference,
@@ -55,5 +56,6 @@ __all__ = [
     "quantize_per_token_int8",
     "quantize_per_token_int8_reference",
     "quantize_rowwise_fp8_reference",
+    "unavailable_reason",
     "unpack_int4",
 ]

@@ -1,4 +1,4 @@
-"""Triton kernel for float8 (e4m3fn) row-wise scaled matmul (see fp8_rowwise.py). Imported lazily."""
+"""Triton kernel for float8 e4m3 row-wise scaled matmul (see fp8_rowwise.py); imported lazily."""
 
 import triton
 import triton.language as tl
@@ -40,11 +40,12 @@ def fp8_rowwise_mm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    # [N, K] row-major weight read as a K-major [BLOCK_K, BLOCK_N] operand: the layout fp8 wgmma wants.
+    # [N, K] row-major weight read as a K-major [BLOCK_K, BLOCK_N] operand: the layout fp8 wgmma
+    # wants.
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+    for k_tile in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k_tile * BLOCK_K
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)

@@ -1,17 +1,17 @@
 """Triton kernel for grouped asymmetric int4 weight-only matmul (see int4_weight_only.py).
 
 Packed layout (from pack_int4): ``w_packed[n, j]`` (uint8, [N, K // 2]) holds q[n, 2j] in its low
-nibble and q[n, 2j + 1] in its high nibble. The kernel never re-interleaves the nibbles: it splits the
-activation tile into its even and odd columns instead and issues two dots per K tile,
+nibble and q[n, 2j + 1] in its high nibble. The kernel never re-interleaves the nibbles: it splits
+the activation tile into its even and odd columns instead and issues two dots per K tile,
 
     acc += x[:, even k] @ dequant(low nibbles) + x[:, odd k] @ dequant(high nibbles),
 
 which is the same sum over k in a different order.
 
-Groups: when BLOCK_K <= GROUP_SIZE (what the pruning hook picks in eager mode, clamping BLOCK_K to the
-group size) a K tile lies inside one group and loads one row of scales and zeros. torch.compile
-(inductor) autotunes user kernels over all configs without the pruning hook, so the kernel also handles
-BLOCK_K > GROUP_SIZE, gathering a scale and zero per (k, n) and masking the K tail.
+Groups: when BLOCK_K <= GROUP_SIZE (what the pruning hook picks in eager mode, clamping BLOCK_K to
+the group size) a K tile lies inside one group and loads one row of scales and zeros. torch.compile
+(inductor) autotunes user kernels over all configs without the pruning hook, so the kernel also
+handles BLOCK_K > GROUP_SIZE, gathering a scale and zero per (k, n) and masking the K tail.
 """
 
 from typing import Any
@@ -23,6 +23,7 @@ from ._triton_common import Tile, dot_acc, make_configs, prune_by_m, tile_coords
 
 TILES = [
     # decode: narrow N, long K per trip (BLOCK_K is clamped to the group size by _prune)
+    Tile(16, 16, 128, 2, 4),
     Tile(16, 32, 128, 4, 4),
     Tile(16, 64, 128, 4, 4),
     Tile(16, 128, 128, 4, 3),
@@ -37,7 +38,9 @@ TILES = [
 ]
 
 
-def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+def _prune(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
     """prune_by_m, then clamp BLOCK_K to the group size so a K tile never straddles two groups."""
     group = int(named_args.get("GROUP_SIZE", kwargs.get("GROUP_SIZE", 32)))
     kept: dict[tuple, triton.Config] = {}
@@ -50,12 +53,22 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
 
 
 @triton.jit
-def _accumulate_tile(x_even, w_ptrs, scale, zero, acc, a_mask, w_mask, stride_xk,
-                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + x[:, even k] @ dequant(low nibbles) + x[:, odd k] @ dequant(high nibbles) for one K tile.
+def _accumulate_tile(
+    x_even,
+    w_ptrs,
+    scale,
+    zero,
+    acc,
+    a_mask,
+    w_mask,
+    stride_xk,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """acc + x[:, even k] @ dequant(low nibbles) + x[:, odd k] @ dequant(high nibbles), one K tile.
 
-    ``a_mask`` broadcasts against the [BLOCK_M, BLOCK_K // 2] activation tiles, ``w_mask``, ``scale``
-    and ``zero`` against the [BLOCK_K // 2, BLOCK_N] packed tile.
+    ``a_mask`` broadcasts against the [BLOCK_M, BLOCK_K // 2] activation tiles, ``w_mask``,
+    ``scale`` and ``zero`` against the [BLOCK_K // 2, BLOCK_N] packed tile.
     """
     a_even = tl.load(x_even, mask=a_mask, other=0.0)
     a_odd = tl.load(x_even + stride_xk, mask=a_mask, other=0.0)
@@ -79,7 +92,8 @@ def int4_wo_mm_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wj, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_om, stride_on,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     HALF_K: tl.constexpr = BLOCK_K // 2
@@ -96,28 +110,56 @@ def int4_wo_mm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BLOCK_K <= GROUP_SIZE:
-        # Both are powers of two, so BLOCK_K divides GROUP_SIZE, which divides K: every K tile is full
-        # (no K masks) and lies inside one group (one row of scales and zeros per tile).
-        for k_tile in range(0, K // BLOCK_K):
+        # Both are powers of two, so BLOCK_K divides GROUP_SIZE, which divides K: every K tile is
+        # full (no K masks) and lies inside one group (one row of scales and zeros per tile).
+        for k_tile in range(K // BLOCK_K):
             group = (k_tile * BLOCK_K) // GROUP_SIZE
-            scale = tl.load(s_ptrs + group * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            scale = tl.load(s_ptrs + group * stride_sg, mask=n_ok, other=0.0).to(tl.float32)[
+                None, :
+            ]
             zero = tl.load(z_ptrs + group * stride_zg, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc = _accumulate_tile(x_even, w_ptrs, scale, zero, acc, m_ok[:, None], n_ok[None, :], stride_xk,
-                                   DOT_PRECISION, UPCAST_DOT)
+            acc = _accumulate_tile(
+                x_even,
+                w_ptrs,
+                scale,
+                zero,
+                acc,
+                m_ok[:, None],
+                n_ok[None, :],
+                stride_xk,
+                DOT_PRECISION,
+                UPCAST_DOT,
+            )
             x_even += BLOCK_K * stride_xk
             w_ptrs += HALF_K * stride_wj
     else:
-        # Wider tiles (which torch.compile may pick, since inductor ignores the pruning hook) span several
-        # groups and may overhang K: gather a scale per (k, n) and mask the tail.
-        for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+        # Wider tiles (which torch.compile may pick, since inductor ignores the pruning hook) span
+        # several groups and may overhang K: gather a scale per (k, n) and mask the tail.
+        for k_tile in range(tl.cdiv(K, BLOCK_K)):
             k_even = k_tile * BLOCK_K + 2 * offs_j
             k_ok = k_even < K
-            group = (k_even // GROUP_SIZE)[:, None]  # k and k + 1 share a group (GROUP_SIZE is even)
+            group = (k_even // GROUP_SIZE)[
+                :, None
+            ]  # k and k + 1 share a group (GROUP_SIZE is even)
             kn_ok = k_ok[:, None] & n_ok[None, :]
-            scale = tl.load(s_ptrs[None, :] + group * stride_sg, mask=kn_ok, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptrs[None, :] + group * stride_zg, mask=kn_ok, other=0.0).to(tl.float32)
-            acc = _accumulate_tile(x_even, w_ptrs, scale, zero, acc, m_ok[:, None] & k_ok[None, :], kn_ok,
-                                   stride_xk, DOT_PRECISION, UPCAST_DOT)
+            scale = tl.load(s_ptrs[None, :] + group * stride_sg, mask=kn_ok, other=0.0).to(
+                tl.float32
+            )
+            zero = tl.load(z_ptrs[None, :] + group * stride_zg, mask=kn_ok, other=0.0).to(
+                tl.float32
+            )
+            acc = _accumulate_tile(
+                x_even,
+                w_ptrs,
+                scale,
+                zero,
+                acc,
+                m_ok[:, None] & k_ok[None, :],
+                kn_ok,
+                stride_xk,
+                DOT_PRECISION,
+                UPCAST_DOT,
+            )
             x_even += BLOCK_K * stride_xk
             w_ptrs += HALF_K * stride_wj
 

@@ -1,12 +1,12 @@
 """Triton kernels for int8 dynamic quantization (see int8_dynamic.py for the contract).
 
 Two kernels: ``int8_dyn_mm_kernel`` (int8 x int8 -> int32 on tensor cores, float32 rescale epilogue)
-and ``quantize_rows_kernel`` (symmetric per-row int8 quantization of the activation). Imported lazily.
+and ``quantize_rows_kernel`` (symmetric per-row int8 quantization of the activation). Imported
+lazily.
 """
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from ._triton_common import Tile, make_configs, prune_by_m, tile_coords
 
@@ -51,7 +51,7 @@ def int8_dyn_mm_kernel(
 
     # int32 accumulation is exact: |sum| <= K * 127 * 127 < 2**31 for K < 133,000.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+    for k_tile in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k_tile * BLOCK_K
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
@@ -69,27 +69,27 @@ def int8_dyn_mm_kernel(
     tl.store(o_ptrs, y.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-# 1.5 * 2**23: adding and subtracting it rounds a float32 |v| < 2**22 to the nearest integer, ties to
-# even, in IEEE round-to-nearest arithmetic (the interpreter's numpy float32 math).
+# 1.5 * 2**23: for float32 |v| < 2**22, v + MAGIC lands where the float32 spacing is 1, so IEEE
+# round-to-nearest-even rounds v to an integer there, and subtracting MAGIC is exact. This is
+# torch.round's ties-to-even, in plain float32 adds that behave the same compiled (no fast-math
+# reassociation in Triton; no multiply, so no FMA contraction) and in the interpreter (numpy),
+# so one code path serves both (libdevice.rint does not exist in the interpreter).
 _RNE_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _round_half_even(v, USE_LIBDEVICE: tl.constexpr):
+def _round_half_even(v):
     """torch.round semantics (ties to even) for float32 values well inside int8 range."""
-    if USE_LIBDEVICE:
-        return libdevice.rint(v)
-    else:
-        return (v + _RNE_MAGIC) - _RNE_MAGIC
+    return (v + _RNE_MAGIC) - _RNE_MAGIC
 
 
 @triton.jit
 def quantize_rows_kernel(
     x_ptr, q_ptr, s_ptr,
     K, stride_xm, stride_xk, stride_qm, stride_qk,
-    EPS: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One program per row: pass 1 finds amax, pass 2 quantizes (the row is re-read, mostly from L2)."""
+    """One program per row: pass 1 finds amax, pass 2 quantizes (re-reading the row, mostly L2)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -104,7 +104,7 @@ def quantize_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + offs < K
         v = tl.load(x_row + (k0 + offs) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-        q = _round_half_even(tl.div_rn(v, scale), USE_LIBDEVICE)
+        q = _round_half_even(tl.div_rn(v, scale))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_row + (k0 + offs) * stride_qk, q.to(tl.int8), mask=k_ok)
 

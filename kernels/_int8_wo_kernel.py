@@ -9,10 +9,13 @@ import triton.language as tl
 
 from ._triton_common import Tile, dot_acc, make_configs, prune_by_m, tile_coords
 
-# Memory-bound small-M tiles first: BLOCK_M=16 is the smallest tensor-core tile, narrow BLOCK_N gives
-# enough programs to cover every SM at M=1 without split-K, long BLOCK_K keeps many loads in flight.
+# Memory-bound small-M tiles first: BLOCK_M=16 is the smallest tensor-core tile, narrow BLOCK_N
+# gives enough programs to cover every SM at M=1 without split-K, long BLOCK_K keeps many loads in
+# flight.
 TILES = [
     # M <= 16 (decode); with the next group also M <= 32
+    Tile(16, 16, 256, 2, 4),
+    Tile(16, 32, 512, 4, 3),
     Tile(16, 32, 128, 4, 4),
     Tile(16, 64, 128, 4, 4),
     Tile(16, 32, 256, 4, 3),
@@ -55,18 +58,20 @@ def int8_wo_mm_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_tile in range(0, tl.cdiv(K, BLOCK_K)):
+    for k_tile in range(tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k_tile * BLOCK_K
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        # int8 -> activation dtype is exact (|q| <= 128 fits the 8-bit bf16 mantissa). The detour via
-        # float32 is because the triton 3.9 interpreter bit-casts a direct int8 -> bf16 conversion.
+        # int8 -> activation dtype is exact (|q| <= 128 fits the 8-bit bf16 mantissa). The detour
+        # via float32 is because the triton 3.9 interpreter bit-casts a direct int8 -> bf16
+        # conversion.
         w = q.to(tl.float32).to(a.dtype)
         acc = dot_acc(a, w, acc, DOT_PRECISION, UPCAST_DOT)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # The scale is per output column, so it factors out of the K sum: apply it once, after accumulation.
+    # The scale is per output column, so it factors out of the K sum: apply it once, after
+    # accumulation.
     scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc * scale[None, :]
     if HAS_BIAS:

@@ -1,35 +1,38 @@
 """Triton availability, lazy kernel loading and launch routing shared by the kernel families.
 
 Import-time behaviour: this module tries ``import triton`` once to fill ``HAS_TRITON`` and nothing
-else. It queries no device and decorates or compiles no kernel. Each family keeps its Triton source in
-a private ``_*_kernel.py`` module that is imported on first use (``load_kernels``), so the Triton
+else. It queries no device and decorates or compiles no kernel. Each family keeps its Triton source
+in a private ``_*_kernel.py`` module that is imported on first use (``load_kernels``), so the Triton
 interpreter switch ``TRITON_INTERPRET=1`` (read by ``@triton.jit`` when it decorates) only has to be
 set before the first kernel launch, not before ``import autoquant.kernels``.
 
-Launch routing. Every public op is a ``torch.library.triton_op``. Its body runs the kernel inline
-through ``torch.library.wrap_triton`` only where that is traceable: compiled (not interpreted) kernels
-on CUDA tensors. Everything else goes through a private opaque ``custom_op`` with a fake impl:
+Launch routing. Every public op is a ``torch.library.triton_op`` (a ``custom_op`` when Triton is
+missing, see ``define_op``). Its body runs the kernel inline through ``torch.library.wrap_triton``
+only where that is traceable: compiled (not interpreted) kernels on CUDA tensors. Everything else
+goes through a private opaque ``custom_op`` (``autoquant::_<op>_opaque``) with a fake impl:
 
 - interpreted kernels (``TRITON_INTERPRET=1``, CPU or CUDA tensors): ``wrap_triton`` hands back the
-  raw interpreted kernel, which would read data pointers of fake tensors while tracing and vanish from
-  a compiled graph, so it must stay behind an opaque op;
+  raw interpreted kernel, which would read data pointers of fake tensors while tracing and vanish
+  from a compiled graph, so it must stay behind an opaque op;
 - no Triton, or a non-CUDA tensor without the interpreter: the opaque op's fake impl still lets
   torch.compile / export trace shapes, and its real impl raises a clear RuntimeError.
 """
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-TRITON_IMPORT_ERROR: Optional[str]
+TRITON_IMPORT_ERROR: str | None
 try:
     import triton  # noqa: F401  (only to learn whether it imports)
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR = None
-except Exception as exc:  # a broken install must not break `import autoquant.kernels`
+except Exception as exc:  # noqa: BLE001  (a broken triton must not break our import)
     HAS_TRITON = False
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -51,13 +54,37 @@ def require_triton(what: str) -> None:
         )
 
 
+def unavailable_reason(device: torch.device | str, *, fp8: bool = False) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` now, or None when they can.
+
+    Meant for a candidate family's ``supports()``. It reads the interpreter switch as it stands
+    (kernels are decorated on first launch) and queries the GPU only when asked about CUDA. ``fp8``
+    adds the compute-capability requirement of fp8_rowwise_mm.
+    """
+    device = torch.device(device)
+    if not HAS_TRITON:
+        return f"Triton is not importable ({TRITON_IMPORT_ERROR}); pip install triton"
+    import triton
+
+    interpreted = bool(triton.knobs.runtime.interpret)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if fp8 and not interpreted and torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 tensor cores need CUDA compute capability >= 8.9"
+        return None
+    if interpreted:
+        return None
+    return f"Triton kernels need CUDA tensors on {device.type}; {INTERPRETER_HINT}"
+
+
 def define_op(qualname: str) -> Callable[[Callable[..., Any]], Any]:
     """Decorator registering a public op: ``torch.library.triton_op`` when Triton is installed.
 
-    Without Triton the op becomes a ``custom_op`` whose fake impl is the same function (it only routes
-    to the opaque op, whose fake impl gives shapes); that keeps torch.compile / export tracing working
-    and avoids triton_op's "Triton not available" warning at import, while a real call raises through
-    ``require_triton``.
+    Without Triton the op becomes a ``custom_op`` whose fake impl is the same function (it only
+    routes to the opaque op, whose fake impl gives shapes); that keeps torch.compile / export
+    tracing working and avoids triton_op's "Triton not available" warning at import, while a real
+    call raises through ``require_triton``.
     """
 
     def register(fn: Callable[..., Any]) -> Any:
@@ -71,13 +98,17 @@ def define_op(qualname: str) -> Callable[[Callable[..., Any]], Any]:
 
 
 def load_kernels(module: str, what: str) -> ModuleType:
-    """Import the private Triton module ``kernels/<module>.py`` (decorating its kernels) on first use."""
+    """Import the private Triton module ``kernels/<module>.py`` (decorating its kernels)."""
     require_triton(what)
     return importlib.import_module(f".{module}", __package__)
 
 
+@functools.cache
 def is_interpreted(kernel: object) -> bool:
-    """True when ``kernel`` (a jit function, possibly under autotune/heuristics) runs in the interpreter."""
+    """True when ``kernel`` (a jit function, maybe under autotune/heuristics) runs interpreted.
+
+    Cached: a kernel object never changes mode, and this sits on every launch's path.
+    """
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 

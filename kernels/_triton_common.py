@@ -1,16 +1,17 @@
 """Triton helpers shared by the kernel modules: tile scheduling, autotune config lists and pruning.
 
-Imported only by the private ``_*_kernel.py`` modules, i.e. only when Triton is installed and a kernel
-is first used.
+Imported only by the private ``_*_kernel.py`` modules, i.e. only when Triton is installed and a
+kernel is first used.
 
-Autotuning: each kernel is keyed on (M_BUCKET, N, K) plus the operand dtypes (triton adds those), where
-M_BUCKET is ``_registry.m_bucket(M)``. ``prune_by_m`` keeps only the configs whose BLOCK_M suits the
-bucket, so an M=1 decode call tries a handful of BLOCK_M=16 configs instead of the whole list.
-Under the interpreter (TRITON_INTERPRET=1) every list collapses to a single small config: the
+Autotuning: each kernel is keyed on (M_BUCKET, N, K) plus the operand dtypes (triton adds those),
+where M_BUCKET is ``_registry.m_bucket(M)``. ``prune_by_m`` keeps only the configs whose BLOCK_M
+suits the bucket, so an M=1 decode call tries a handful of BLOCK_M=16 configs instead of the whole
+list. Under the interpreter (TRITON_INTERPRET=1) every list collapses to a single small config: the
 interpreter would otherwise time every config on the CPU, which takes minutes.
 """
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import triton
 import triton.language as tl
@@ -31,7 +32,7 @@ INTERPRETER_TILE = Tile(16, 32, 32, 4, 1)
 
 
 def interpreting() -> bool:
-    """True when @triton.jit hands back interpreted functions (TRITON_INTERPRET=1 at decoration time)."""
+    """True when @triton.jit returns interpreted functions (TRITON_INTERPRET=1 at decoration)."""
     return bool(triton.knobs.runtime.interpret)
 
 
@@ -49,7 +50,7 @@ def make_configs(tiles: Sequence[Tile], group_m: int = 8) -> list[triton.Config]
 
 
 def allowed_block_m(m_bucket: int) -> tuple[int, ...]:
-    """BLOCK_M values worth trying for an M bucket: no tile much taller than M, none tiny for large M."""
+    """BLOCK_M values worth trying for an M bucket: none much taller than M, none tiny for big M."""
     if m_bucket <= 16:
         return (16,)
     if m_bucket <= 32:
@@ -59,20 +60,23 @@ def allowed_block_m(m_bucket: int) -> tuple[int, ...]:
     return (64, 128)
 
 
-def prune_by_m(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    """early_config_prune hook: keep configs whose BLOCK_M suits M_BUCKET (never returns an empty list)."""
+def prune_by_m(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """early_config_prune hook: keep configs whose BLOCK_M suits M_BUCKET (never an empty list)."""
     allowed = allowed_block_m(int(named_args["M_BUCKET"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] in allowed]
     if kept:
         return kept
-    # Lists without a fitting BLOCK_M (e.g. fp8, whose smallest tile is 64) keep their smallest tiles.
+    # Lists without a fitting BLOCK_M (e.g. fp8, whose smallest tile is 64) keep their smallest
+    # tiles.
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
     return [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
 
 
 @triton.jit
 def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Map the 1-D program id to a (row-tile, column-tile) pair, grouping GROUP_M row tiles together.
+    """Map the 1-D program id to a (row tile, column tile) pair, GROUP_M row tiles at a time.
 
     Programs launched close in time then share the same few weight column tiles and activation row
     tiles, which raises L2 hit rates for large M; for M <= BLOCK_M it degenerates to pid_n = pid.
@@ -96,8 +100,8 @@ def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
     UPCAST_DOT is set only under the interpreter: triton 3.9's interpreter keeps bfloat16 as raw
     uint16 and multiplies those bits in tl.dot, so 16-bit operands are widened to float32 first. A
-    bf16 x bf16 product is exact in float32 and the GPU accumulates in float32 too, so the widened dot
-    computes the same sums.
+    bf16 x bf16 product is exact in float32 and the GPU accumulates in float32 too, so the widened
+    dot computes the same sums.
     """
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -105,8 +109,8 @@ def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
-def grid_2d(M: int, N: int):  # noqa: ANN201  (returns a triton grid callable)
-    """1-D launch grid covering all (BLOCK_M, BLOCK_N) output tiles for whichever config is chosen."""
+def grid_2d(M: int, N: int):
+    """1-D launch grid covering all (BLOCK_M, BLOCK_N) output tiles of whichever config runs."""
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -16,13 +16,18 @@ to float16 in numpy, which is exact for e4m3 values.
 ``quantize_rowwise_fp8_reference`` is the matching plain-PyTorch per-row quantizer (amax -> 448).
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from . import _checks
-from ._registry import check_launchable, define_op, launches_inline, load_kernels, m_bucket, require_triton
+from ._registry import (
+    check_launchable,
+    define_op,
+    launches_inline,
+    load_kernels,
+    m_bucket,
+    require_triton,
+)
 
 OP = "autoquant::fp8_rowwise_mm"
 _KERNEL_MODULE = "_fp8_kernel"
@@ -34,14 +39,19 @@ MIN_CAPABILITY = (8, 9)
 
 
 def quantize_rowwise_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric e4m3 quantization of a 2-D float tensor -> (x_fp8, scale [rows] float32)."""
+    """Per-row symmetric e4m3 quantization of a 2-D float tensor -> (x_fp8, scale [rows] f32)."""
     xf = x.float()
     scale = (xf.abs().amax(dim=1) / FP8_MAX).clamp_min(ROWWISE_EPS)
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def fp8_rowwise_mm_reference(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """Plain PyTorch: widen to float32 (exact for e4m3), matmul, rescale in the kernel's order."""
     y = (x_fp8.float() @ w_fp8.float().T) * x_scale.float()[:, None] * w_scale.float()[None, :]
@@ -51,7 +61,12 @@ def fp8_rowwise_mm_reference(
 
 
 def _check(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> tuple[int, int, int]:
     _checks.check_matrix(OP, "x_fp8", x_fp8, (FP8_DTYPE,), "[M, K]")
     _checks.check_matrix(OP, "w_fp8", w_fp8, (FP8_DTYPE,), "[N, K]")
@@ -62,7 +77,9 @@ def _check(
     _checks.check_vector(OP, "w_scale", w_scale, n, (torch.float32,))
     _checks.check_bias(OP, bias, n)
     _checks.check_out_dtype(OP, out_dtype)
-    _checks.check_devices(OP, {"x_fp8": x_fp8, "x_scale": x_scale, "w_fp8": w_fp8, "w_scale": w_scale, "bias": bias})
+    _checks.check_devices(
+        OP, {"x_fp8": x_fp8, "x_scale": x_scale, "w_fp8": w_fp8, "w_scale": w_scale, "bias": bias}
+    )
     return m, n, k
 
 
@@ -71,12 +88,18 @@ def _check_capability(device: torch.device) -> None:
         cap = torch.cuda.get_device_capability(device)
         if cap < MIN_CAPABILITY:
             raise RuntimeError(
-                f"{OP}: fp8 tensor cores need CUDA compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
+                f"{OP}: fp8 tensor cores need CUDA compute capability >= 8.9, "
+                f"this GPU has {cap[0]}.{cap[1]}"
             )
 
 
 def _launch(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out: Tensor
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
 ) -> None:
     kernels = load_kernels(_KERNEL_MODULE, OP)
     check_launchable(kernels.KERNEL, x_fp8.device, OP)
@@ -88,7 +111,8 @@ def _launch(
     torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
         x_fp8, x_scale, w_fp8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
-        x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), out.stride(0), out.stride(1),
+        x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1),
+        out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None,
     )  # fmt: skip
 
@@ -99,7 +123,12 @@ def _empty_out(x_fp8: Tensor, w_fp8: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("autoquant::_fp8_rowwise_mm_opaque", mutates_args=())
 def _fp8_rowwise_mm_opaque(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     out = _empty_out(x_fp8, w_fp8, out_dtype)
     _launch(x_fp8, x_scale, w_fp8, w_scale, bias, out)
@@ -108,23 +137,35 @@ def _fp8_rowwise_mm_opaque(
 
 @_fp8_rowwise_mm_opaque.register_fake
 def _(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     return _empty_out(x_fp8, w_fp8, out_dtype)
 
 
 @define_op(OP)
 def _fp8_rowwise_mm_op(
-    x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_fp8: Tensor,
+    x_scale: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    m, _, _ = _check(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
-    if m == 0:
+    m, n, _ = _check(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
+    if m == 0 or n == 0:  # an empty output: nothing to launch
         return _empty_out(x_fp8, w_fp8, out_dtype)
     x_scale = x_scale.contiguous()
     w_scale = w_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     if not launches_inline(_KERNEL_MODULE, OP, x_fp8.device):
-        return torch.ops.autoquant._fp8_rowwise_mm_opaque(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
+        return torch.ops.autoquant._fp8_rowwise_mm_opaque(
+            x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype
+        )
     out = _empty_out(x_fp8, w_fp8, out_dtype)
     _launch(x_fp8, x_scale, w_fp8, w_scale, bias, out)
     return out
@@ -135,7 +176,7 @@ def fp8_rowwise_mm(
     x_scale: Tensor,
     w_fp8: Tensor,
     w_scale: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     out_dtype: torch.dtype,
 ) -> Tensor:

@@ -30,13 +30,19 @@ Tuned for M = 1..256. Example (CUDA, or CPU with TRITON_INTERPRET=1)::
     y = int4_wo_mm(x, packed, scales, zeros, 128, bias)
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from . import _checks
-from ._registry import check_launchable, define_op, is_interpreted, launches_inline, load_kernels, m_bucket, require_triton
+from ._registry import (
+    check_launchable,
+    define_op,
+    is_interpreted,
+    launches_inline,
+    load_kernels,
+    m_bucket,
+    require_triton,
+)
 
 OP = "autoquant::int4_wo_mm"
 _KERNEL_MODULE = "_int4_wo_kernel"
@@ -46,15 +52,19 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 # ---------------------------------------------------------------------------------------- packing
 def pack_int4(q: Tensor) -> Tensor:
-    """Pack ``q`` [N, K] (integer dtype, values 0..15, K even) into uint8 [N, K // 2]; see module doc."""
+    """Pack ``q`` [N, K] (integers 0..15, K even) into uint8 [N, K // 2]; see the module doc."""
     if not isinstance(q, Tensor) or q.dim() != 2:
-        raise ValueError(f"pack_int4: q must be a 2-D tensor [N, K], got {getattr(q, 'shape', type(q))}")
+        raise ValueError(
+            f"pack_int4: q must be a 2-D tensor [N, K], got {getattr(q, 'shape', type(q))}"
+        )
     if q.dtype not in _INT_DTYPES:
         raise ValueError(f"pack_int4: q must have an integer dtype, got {q.dtype}")
     if q.shape[1] % 2:
         raise ValueError(f"pack_int4: K = {q.shape[1]} must be even (two 4-bit values per byte)")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
-        raise ValueError(f"pack_int4: values must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]")
+        raise ValueError(
+            f"pack_int4: values must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]"
+        )
     q = q.to(torch.uint8)
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
@@ -62,9 +72,15 @@ def pack_int4(q: Tensor) -> Tensor:
 def unpack_int4(packed: Tensor, K: int) -> Tensor:
     """Inverse of pack_int4: uint8 [N, K // 2] -> uint8 [N, K] with values 0..15."""
     if not isinstance(packed, Tensor) or packed.dim() != 2 or packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_int4: packed must be a 2-D uint8 tensor [N, K // 2], got {getattr(packed, 'shape', packed)}")
+        raise ValueError(
+            "unpack_int4: packed must be a 2-D uint8 tensor [N, K // 2], "
+            f"got {getattr(packed, 'shape', packed)}"
+        )
     if K != 2 * packed.shape[1]:
-        raise ValueError(f"unpack_int4: K = {K} does not match packed width {packed.shape[1]} (expected K = 2 * width)")
+        raise ValueError(
+            f"unpack_int4: K = {K} does not match packed width {packed.shape[1]} "
+            "(expected K = 2 * width)"
+        )
     q = torch.empty((packed.shape[0], K), dtype=torch.uint8, device=packed.device)
     q[:, 0::2] = packed & 0xF
     q[:, 1::2] = packed >> 4
@@ -72,7 +88,9 @@ def unpack_int4(packed: Tensor, K: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- reference
-def dequantize_int4_reference(w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+def dequantize_int4_reference(
+    w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int
+) -> Tensor:
     """float32 [N, K] weights: (q - zeros) * scales, broadcast over each group of K."""
     k = 2 * w_packed.shape[1]
     q = unpack_int4(w_packed, k).float()
@@ -82,7 +100,12 @@ def dequantize_int4_reference(w_packed: Tensor, scales: Tensor, zeros: Tensor, g
 
 
 def int4_wo_mm_reference(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor] = None
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Plain PyTorch: dequantize in float32, matmul in float32, cast back to x.dtype."""
     y = x.float() @ dequantize_int4_reference(w_packed, scales, zeros, group_size).T
@@ -93,31 +116,55 @@ def int4_wo_mm_reference(
 
 # ---------------------------------------------------------------------------------------- op
 def _check(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor]
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
 ) -> tuple[int, int, int]:
     _checks.check_matrix(OP, "x", x, _checks.FLOAT_DTYPES, "[M, K]")
     m, k = x.shape
     if group_size not in GROUP_SIZES:
         raise ValueError(f"{OP}: group_size must be one of {GROUP_SIZES}, got {group_size}")
     if k % group_size:
-        raise ValueError(f"{OP}: K = {k} (columns of x) must be a multiple of group_size = {group_size}")
+        raise ValueError(
+            f"{OP}: K = {k} (columns of x) must be a multiple of group_size = {group_size}"
+        )
     _checks.check_matrix(OP, "w_packed", w_packed, (torch.uint8,), "[N, K // 2] (see pack_int4)")
     n = w_packed.shape[0]
     if w_packed.shape[1] * 2 != k:
-        raise ValueError(f"{OP}: w_packed must have K // 2 = {k // 2} columns for K = {k}, got {w_packed.shape[1]}")
+        raise ValueError(
+            f"{OP}: w_packed must have K // 2 = {k // 2} columns for K = {k}, "
+            f"got {w_packed.shape[1]}"
+        )
     groups = k // group_size
-    _checks.check_matrix(OP, "scales", scales, _checks.FLOAT_DTYPES, f"[K // G, N] = [{groups}, {n}]")
-    _checks.check_matrix(OP, "zeros", zeros, (scales.dtype,), f"[K // G, N] = [{groups}, {n}] in the scales' dtype")
+    _checks.check_matrix(
+        OP, "scales", scales, _checks.FLOAT_DTYPES, f"[K // G, N] = [{groups}, {n}]"
+    )
+    _checks.check_matrix(
+        OP, "zeros", zeros, (scales.dtype,), f"[K // G, N] = [{groups}, {n}] in the scales' dtype"
+    )
     for name, t in (("scales", scales), ("zeros", zeros)):
         if tuple(t.shape) != (groups, n):
-            raise ValueError(f"{OP}: {name} must have shape [K // G, N] = [{groups}, {n}], got {tuple(t.shape)}")
+            raise ValueError(
+                f"{OP}: {name} must have shape [K // G, N] = [{groups}, {n}], got {tuple(t.shape)}"
+            )
     _checks.check_bias(OP, bias, n)
-    _checks.check_devices(OP, {"x": x, "w_packed": w_packed, "scales": scales, "zeros": zeros, "bias": bias})
+    _checks.check_devices(
+        OP, {"x": x, "w_packed": w_packed, "scales": scales, "zeros": zeros, "bias": bias}
+    )
     return m, n, k
 
 
 def _launch(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
+    out: Tensor,
 ) -> None:
     kernels = load_kernels(_KERNEL_MODULE, OP)
     check_launchable(kernels.KERNEL, x.device, OP)
@@ -129,7 +176,8 @@ def _launch(
         x, w_packed, scales, zeros, scales if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),
-        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
+        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+        out.stride(0), out.stride(1),
         group_size,
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -139,7 +187,12 @@ def _launch(
 
 @torch.library.custom_op("autoquant::_int4_wo_mm_opaque", mutates_args=())
 def _int4_wo_mm_opaque(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor]
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
 ) -> Tensor:
     out = x.new_empty((x.shape[0], w_packed.shape[0]))
     _launch(x, w_packed, scales, zeros, group_size, bias, out)
@@ -147,17 +200,29 @@ def _int4_wo_mm_opaque(
 
 
 @_int4_wo_mm_opaque.register_fake
-def _(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor]) -> Tensor:
+def _(
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
+) -> Tensor:
     return x.new_empty((x.shape[0], w_packed.shape[0]))
 
 
 @define_op(OP)
 def _int4_wo_mm_op(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor]
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
 ) -> Tensor:
     m, n, _ = _check(x, w_packed, scales, zeros, group_size, bias)
-    if m == 0:
-        return x.new_empty((0, n))
+    if m == 0 or n == 0:  # an empty output: nothing to launch
+        return x.new_empty((m, n))
     bias = None if bias is None else bias.contiguous()
     if not launches_inline(_KERNEL_MODULE, OP, x.device):
         return torch.ops.autoquant._int4_wo_mm_opaque(x, w_packed, scales, zeros, group_size, bias)
@@ -167,8 +232,13 @@ def _int4_wo_mm_op(
 
 
 def int4_wo_mm(
-    x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Optional[Tensor] = None
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """y = x @ ((unpack_int4(w_packed) - zeros) * scales).T + bias, groups of ``group_size`` along K."""
+    """y = x @ ((unpack_int4(w_packed) - zeros) * scales).T + bias, groups of G along K."""
     require_triton("int4_wo_mm")
     return torch.ops.autoquant.int4_wo_mm(x, w_packed, scales, zeros, group_size, bias)

@@ -4,13 +4,15 @@ Ops and contracts::
 
     autoquant::quantize_per_token_int8(x [M, K] float32|bfloat16|float16)
         -> (x_int8 [M, K] int8, x_scale [M] float32)
-        x_scale = max(amax(|x|, row) / 127, PER_TOKEN_EPS);  x_int8 = clamp(round(x / x_scale), -127, 127)
-        computed in float32 with IEEE division; round is ties-to-even like torch.round. Implemented as
-        a Triton kernel (one program per row, two passes over the row) that matches
+        x_scale = max(amax(|x|, row) / 127, PER_TOKEN_EPS)
+        x_int8 = clamp(round(x / x_scale), -127, 127)
+        in float32 with IEEE division; round is ties-to-even like torch.round. Implemented as a
+        Triton kernel (one program per row, two passes over the row) that matches
         quantize_per_token_int8_reference bit for bit.
 
     autoquant::int8_dyn_mm(x_int8 [M, K] int8, x_scale [M] float32, w_int8 [N, K] int8,
-                           w_scale [N] float32, bias [N] float | None, out_dtype) -> [M, N] out_dtype
+                           w_scale [N] float32, bias [N] float | None, out_dtype)
+        -> [M, N] out_dtype
         y = float32(x_int8 @ w_int8.T) * x_scale[:, None] * w_scale[None, :] + bias
         with exact int32 accumulation on int8 tensor cores and the rescale in the epilogue.
 
@@ -23,13 +25,19 @@ Example (CUDA, or CPU with TRITON_INTERPRET=1)::
     y = int8_dynamic_linear(x, w_int8, w_scale, bias)
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from . import _checks
-from ._registry import check_launchable, define_op, is_interpreted, launches_inline, load_kernels, m_bucket, require_triton
+from ._registry import (
+    check_launchable,
+    define_op,
+    is_interpreted,
+    launches_inline,
+    load_kernels,
+    m_bucket,
+    require_triton,
+)
 
 MM_OP = "autoquant::int8_dyn_mm"
 QUANT_OP = "autoquant::quantize_per_token_int8"
@@ -39,19 +47,27 @@ _KERNEL_MODULE = "_int8_dyn_kernel"
 PER_TOKEN_EPS = 1e-12
 
 
-# ---------------------------------------------------------------------------------------- references
+# ---------------------------------------------------------------------------------------- reference
 def quantize_per_token_int8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch per-row symmetric int8 quantization (the contract of quantize_per_token_int8)."""
+    """Plain PyTorch per-row symmetric int8 quantization: the quantize_per_token_int8 contract."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=1) / 127.0).clamp_min(PER_TOKEN_EPS)
+    amax = xf.abs().amax(dim=1)
+    # Divide by a tensor, not by the Python number 127: CUDA turns tensor / scalar into a multiply
+    # by the reciprocal, which can be one ulp off the IEEE division the kernel (div_rn) performs.
+    scale = (amax / torch.full_like(amax, 127.0)).clamp_min(PER_TOKEN_EPS)
     q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def int8_dyn_mm_reference(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """Plain PyTorch: exact integer product (float64 holds it exactly, and runs on CPU and CUDA), then
+    """Plain PyTorch: exact integer product (float64 holds it exactly, on CPU and CUDA), then
     the float32 rescale in the kernel's order."""
     acc = (x_int8.double() @ w_int8.double().T).float()
     y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
@@ -60,12 +76,14 @@ def int8_dyn_mm_reference(
     return y.to(out_dtype)
 
 
-def int8_dynamic_linear_reference(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def int8_dynamic_linear_reference(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     q, s = quantize_per_token_int8_reference(x)
     return int8_dyn_mm_reference(q, s, w_int8, w_scale, bias, x.dtype)
 
 
-# ---------------------------------------------------------------------------------------- quantize op
+# ---------------------------------------------------------------------------------------- quantize
 def _launch_quantize(x: Tensor, q: Tensor, scale: Tensor) -> None:
     kernels = load_kernels(_KERNEL_MODULE, QUANT_OP)
     check_launchable(kernels.QUANTIZE_KERNEL, x.device, QUANT_OP)
@@ -73,11 +91,11 @@ def _launch_quantize(x: Tensor, q: Tensor, scale: Tensor) -> None:
 
     m, k = x.shape
     interpreted = is_interpreted(kernels.QUANTIZE_KERNEL)
-    block_k = min(triton.next_power_of_2(k), 64 if interpreted else 2048)
+    # 1024 float32 values are 8 per thread at the default 4 warps; longer rows loop.
+    block_k = min(triton.next_power_of_2(k), 64 if interpreted else 1024)
     torch.library.wrap_triton(kernels.QUANTIZE_KERNEL)[(m,)](
         x, q, scale, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        EPS=PER_TOKEN_EPS, USE_LIBDEVICE=not interpreted, BLOCK_K=block_k,
-        num_warps=4 if block_k <= 1024 else 8,
+        EPS=PER_TOKEN_EPS, BLOCK_K=block_k,
     )  # fmt: skip
 
 
@@ -116,7 +134,12 @@ def _quantize_op(x: Tensor) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------------------------------- matmul op
 def _check_mm(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> tuple[int, int, int]:
     _checks.check_matrix(MM_OP, "x_int8", x_int8, (torch.int8,), "[M, K]")
     _checks.check_matrix(MM_OP, "w_int8", w_int8, (torch.int8,), "[N, K]")
@@ -127,12 +150,20 @@ def _check_mm(
     _checks.check_vector(MM_OP, "w_scale", w_scale, n, (torch.float32,))
     _checks.check_bias(MM_OP, bias, n)
     _checks.check_out_dtype(MM_OP, out_dtype)
-    _checks.check_devices(MM_OP, {"x_int8": x_int8, "x_scale": x_scale, "w_int8": w_int8, "w_scale": w_scale, "bias": bias})
+    _checks.check_devices(
+        MM_OP,
+        {"x_int8": x_int8, "x_scale": x_scale, "w_int8": w_int8, "w_scale": w_scale, "bias": bias},
+    )
     return m, n, k
 
 
 def _launch_mm(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out: Tensor
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
 ) -> None:
     kernels = load_kernels(_KERNEL_MODULE, MM_OP)
     check_launchable(kernels.KERNEL, x_int8.device, MM_OP)
@@ -143,7 +174,8 @@ def _launch_mm(
     torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
         x_int8, x_scale, w_int8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
-        x_int8.stride(0), x_int8.stride(1), w_int8.stride(0), w_int8.stride(1), out.stride(0), out.stride(1),
+        x_int8.stride(0), x_int8.stride(1), w_int8.stride(0), w_int8.stride(1),
+        out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None,
     )  # fmt: skip
 
@@ -154,7 +186,12 @@ def _empty_out(x_int8: Tensor, w_int8: Tensor, out_dtype: torch.dtype) -> Tensor
 
 @torch.library.custom_op("autoquant::_int8_dyn_mm_opaque", mutates_args=())
 def _int8_dyn_mm_opaque(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     out = _empty_out(x_int8, w_int8, out_dtype)
     _launch_mm(x_int8, x_scale, w_int8, w_scale, bias, out)
@@ -163,31 +200,43 @@ def _int8_dyn_mm_opaque(
 
 @_int8_dyn_mm_opaque.register_fake
 def _(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     return _empty_out(x_int8, w_int8, out_dtype)
 
 
 @define_op(MM_OP)
 def _int8_dyn_mm_op(
-    x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+    x_int8: Tensor,
+    x_scale: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    m, _, _ = _check_mm(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
-    if m == 0:
+    m, n, _ = _check_mm(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    if m == 0 or n == 0:  # an empty output: nothing to launch
         return _empty_out(x_int8, w_int8, out_dtype)
     x_scale = x_scale.contiguous()
     w_scale = w_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     if not launches_inline(_KERNEL_MODULE, MM_OP, x_int8.device):
-        return torch.ops.autoquant._int8_dyn_mm_opaque(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+        return torch.ops.autoquant._int8_dyn_mm_opaque(
+            x_int8, x_scale, w_int8, w_scale, bias, out_dtype
+        )
     out = _empty_out(x_int8, w_int8, out_dtype)
     _launch_mm(x_int8, x_scale, w_int8, w_scale, bias, out)
     return out
 
 
-# ---------------------------------------------------------------------------------------- public API
+# ---------------------------------------------------------------------------------------- public AP
 def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 quantization of ``x`` [M, K] -> (x_int8 [M, K], x_scale [M] float32)."""
+    """Symmetric per-row int8 quantization: x [M, K] -> (x_int8 [M, K], x_scale [M] float32)."""
     require_triton("quantize_per_token_int8")
     q, scale = torch.ops.autoquant.quantize_per_token_int8(x)
     return q, scale
@@ -198,7 +247,7 @@ def int8_dyn_mm(
     x_scale: Tensor,
     w_int8: Tensor,
     w_scale: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     out_dtype: torch.dtype,
 ) -> Tensor:
@@ -207,7 +256,9 @@ def int8_dyn_mm(
     return torch.ops.autoquant.int8_dyn_mm(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
 
-def int8_dynamic_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def int8_dynamic_linear(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """Quantize ``x`` [M, K] per token, then int8_dyn_mm with out_dtype = x.dtype."""
     require_triton("int8_dynamic_linear")
     q, scale = torch.ops.autoquant.quantize_per_token_int8(x)

@@ -10,29 +10,38 @@ Contract::
     y = x @ (w_int8 * w_scale[:, None]).T + bias
 
 The kernel loads int8 weight tiles, converts them in registers (exact) and accumulates in float32 on
-tensor cores; the per-column scale and the bias are applied once in the epilogue. Float32 activations
-use IEEE float32 dots (no TF32), matching F.linear's default. Autotuned per (M bucket, N, K) for
-M = 1..512 (small-BLOCK_M, narrow-N tiles for decode). M = 0 returns an empty [0, N] tensor.
+tensor cores; the per-column scale and the bias are applied once in the epilogue. Float32
+activations use IEEE float32 dots (no TF32), matching F.linear's default. Autotuned per (M bucket,
+N, K) for M = 1..512 (small-BLOCK_M, narrow-N tiles for decode). M = 0 returns an empty [0, N]
+tensor.
 
 Example (CUDA, or CPU with TRITON_INTERPRET=1)::
 
     y = int8_wo_mm(x, w_int8, w_scale, bias)
-    torch.testing.assert_close(y, int8_wo_mm_reference(x, w_int8, w_scale, bias), rtol=2e-2, atol=2e-2)
+    y_ref = int8_wo_mm_reference(x, w_int8, w_scale, bias)
 """
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _checks
-from ._registry import check_launchable, define_op, is_interpreted, launches_inline, load_kernels, m_bucket, require_triton
+from ._registry import (
+    check_launchable,
+    define_op,
+    is_interpreted,
+    launches_inline,
+    load_kernels,
+    m_bucket,
+    require_triton,
+)
 
 OP = "autoquant::int8_wo_mm"
 _KERNEL_MODULE = "_int8_wo_kernel"
 
 
-def int8_wo_mm_reference(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def int8_wo_mm_reference(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """Plain PyTorch: dequantize in float32, matmul in float32, cast back to x.dtype."""
     w = w_int8.float() * w_scale.float()[:, None]
     y = x.float() @ w.T
@@ -41,7 +50,7 @@ def int8_wo_mm_reference(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optio
     return y.to(x.dtype)
 
 
-def _check(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> tuple[int, int, int]:
+def _check(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
     _checks.check_matrix(OP, "x", x, _checks.FLOAT_DTYPES, "[M, K]")
     _checks.check_matrix(OP, "w_int8", w_int8, (torch.int8,), "[N, K]")
     m, k = x.shape
@@ -53,8 +62,8 @@ def _check(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -
     return m, n, k
 
 
-def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
-    """Launch the Triton kernel writing ``out``; via wrap_triton so the call is traceable on CUDA."""
+def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """Launch the Triton kernel writing ``out``, via wrap_triton so the call traces on CUDA."""
     kernels = load_kernels(_KERNEL_MODULE, OP)
     check_launchable(kernels.KERNEL, x.device, OP)
     from ._triton_common import grid_2d
@@ -72,7 +81,7 @@ def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor], 
 
 
 @torch.library.custom_op("autoquant::_int8_wo_mm_opaque", mutates_args=())
-def _int8_wo_mm_opaque(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _int8_wo_mm_opaque(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """Opaque twin of int8_wo_mm for launches that cannot be traced (interpreter) or cannot run."""
     out = x.new_empty((x.shape[0], w_int8.shape[0]))
     _launch(x, w_int8, w_scale, bias, out)
@@ -80,15 +89,15 @@ def _int8_wo_mm_opaque(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optiona
 
 
 @_int8_wo_mm_opaque.register_fake
-def _(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
 @define_op(OP)
-def _int8_wo_mm_op(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _int8_wo_mm_op(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     m, n, _ = _check(x, w_int8, w_scale, bias)
-    if m == 0:
-        return x.new_empty((0, n))
+    if m == 0 or n == 0:  # an empty output: nothing to launch
+        return x.new_empty((m, n))
     w_scale = w_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     if not launches_inline(_KERNEL_MODULE, OP, x.device):
@@ -98,8 +107,8 @@ def _int8_wo_mm_op(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Te
     return out
 
 
-def int8_wo_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ (w_int8 * w_scale[:, None]).T + bias through the Triton kernel (see module docstring).
+def int8_wo_mm(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ (w_int8 * w_scale[:, None]).T + bias through the Triton kernel (module docstring).
 
     Raises RuntimeError when Triton is unavailable, ValueError for a bad argument.
     """

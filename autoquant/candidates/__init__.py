@@ -29,9 +29,19 @@ from .int8_dynamic import Int8Dynamic
 from .int8_weight_only import Int8WeightOnly
 
 __all__ = [
-    "Candidate", "QuantizedLinear", "register", "get_family", "families", "candidate_from_json",
-    "default_candidates", "FloatCandidate", "Int8WeightOnly", "Int8Dynamic", "Int4WeightOnly",
-    "Fp8WeightOnly", "Fp8Dynamic",
+    "Candidate",
+    "FloatCandidate",
+    "Fp8Dynamic",
+    "Fp8WeightOnly",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8WeightOnly",
+    "QuantizedLinear",
+    "candidate_from_json",
+    "default_candidates",
+    "families",
+    "get_family",
+    "register",
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128)

@@ -6,8 +6,10 @@ Nothing here runs at import time: device facts are read when a family's ``suppor
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,7 +65,7 @@ def cpu_scalar_only_reason(name: str, device: torch.device, dtype: torch.dtype |
             "not worth timing")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -85,7 +87,7 @@ def triton_op(name: str) -> tuple[Callable[..., Any] | None, str | None]:
     """(the ``autoquant.kernels`` function `name`, None), or (None, why it is unavailable)."""
     try:
         from .. import kernels
-    except Exception as exc:  # a broken optional dependency must not break supports()
+    except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break supports()
         return None, f"autoquant.kernels failed to import ({type(exc).__name__}: {exc})"
     if not getattr(kernels, "HAS_TRITON", False):
         why = getattr(kernels, "TRITON_IMPORT_ERROR", None) or "import failed"
@@ -117,3 +119,19 @@ def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None:
         return y
     return y.add_(bias.to(y.dtype))
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[None]:
+    """Pin torch's quantized engine while prepacking, so a kernel named "fbgemm" gets an fbgemm
+    handle whatever engine the process chose (the handle, not the engine, picks the kernel later).
+    The previous engine is restored on exit."""
+    before = torch.backends.quantized.engine
+    switch = name in torch.backends.quantized.supported_engines and before != name
+    if switch:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        if switch:
+            torch.backends.quantized.engine = before

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape, parse_dtype
-from ._util import FLOAT_NAMES, add_bias, bad_dtype_reason, not_cpu_reason, op_dtype
+from ._util import (
+    FLOAT_NAMES,
+    add_bias,
+    bad_dtype_reason,
+    not_cpu_reason,
+    op_dtype,
+    quantized_engine,
+)
 from .base import Candidate, register
 
 __all__ = ["FloatCandidate"]
@@ -96,6 +103,13 @@ class FloatCandidate(Candidate):
             return 55.0  # fp16 weight (and x for compute_dtype float16): measured ~60-66 dB
         return 80.0  # compute in float32 for a bf16/fp16 model: only the cast back rounds
 
+    @property
+    def traceable(self) -> bool:
+        """onednn: inductor's lowering of mkldnn._linear_pointwise insists on a weight it packed
+        itself (a graph constant), and fails on ours; fbgemm_fp16's runtime handle is a
+        ScriptObject dynamo cannot proxy. Both run as eager islands inside a compiled model."""
+        return self.kernel == "aten"
+
     # ---- helpers --------------------------------------------------------------------------------
     def _compute(self, x_dtype: torch.dtype) -> torch.dtype:
         return x_dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype)
@@ -138,7 +152,8 @@ class FloatCandidate(Candidate):
             return None  # CPU-only kernels refuse in linear(); supports() already said why
         if self.kernel == "onednn":
             return torch.ops.mkldnn._reorder_linear_weight(w, None)
-        return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+        with quantized_engine("fbgemm"):
+            return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         cd = self._compute(x.dtype)

@@ -24,8 +24,9 @@ fp8_dynamic quantizes x per row at run time (``primitives.fp8_per_row``), then:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,19 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import fp8_per_row
-from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, min_capability_reason, not_cuda_reason,
-                    op_dtype, require_triton_op, triton_op)
+from ._util import (
+    FLOAT_DTYPES,
+    add_bias,
+    bad_dtype_reason,
+    min_capability_reason,
+    not_cuda_reason,
+    op_dtype,
+    require_triton_op,
+    triton_op,
+)
 from .base import Candidate, register
 
-__all__ = ["Fp8WeightOnly", "Fp8Dynamic", "FP8_FORMAT"]
+__all__ = ["FP8_FORMAT", "Fp8Dynamic", "Fp8WeightOnly"]
 
 FP8_FORMAT = "fp8_nk_rowscale"
 FP8_MIN_CAPABILITY = (8, 9)

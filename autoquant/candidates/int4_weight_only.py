@@ -38,9 +38,25 @@ import torch
 from torch import Tensor
 
 from ..keys import OpShape
-from ..primitives import INT4_MID, int4_grouped_asym, pack_int4_lo_first, swap_nibbles, unpack_int4_lo_first
-from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, cpu_scalar_only_reason, min_capability_reason,
-                    not_cpu_reason, not_cuda_reason, op_dtype, require_triton_op, triton_op)
+from ..primitives import (
+    INT4_MID,
+    int4_grouped_asym,
+    pack_int4_lo_first,
+    swap_nibbles,
+    unpack_int4_lo_first,
+)
+from ._util import (
+    FLOAT_DTYPES,
+    add_bias,
+    bad_dtype_reason,
+    cpu_scalar_only_reason,
+    min_capability_reason,
+    not_cpu_reason,
+    not_cuda_reason,
+    op_dtype,
+    require_triton_op,
+    triton_op,
+)
 from .base import Candidate, register
 
 __all__ = ["Int4WeightOnly"]

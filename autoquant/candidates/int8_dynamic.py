@@ -35,16 +35,26 @@ unfused activation pass left to discount).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..keys import OpShape
-from ..primitives import int8_act_per_token, uint8_act_per_tensor
-from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, not_cpu_reason, not_cuda_reason, op_dtype,
-                    require_triton_op, triton_op)
+from ..primitives import int8_act_per_token, uint8_act_per_tensor, uint8_act_per_token_offset
+from ._util import (
+    FLOAT_DTYPES,
+    add_bias,
+    bad_dtype_reason,
+    not_cpu_reason,
+    not_cuda_reason,
+    op_dtype,
+    quantized_engine,
+    require_triton_op,
+    triton_op,
+)
 from .base import Candidate, register
 from .int8_weight_only import INT8_FORMAT, quantize_int8_nk_rowscale
 
@@ -108,6 +118,12 @@ class Int8Dynamic(Candidate):
     def weight_format(self) -> str | None:
         return INT8_FORMAT
 
+    @property
+    def traceable(self) -> bool:
+        """fbgemm's prepacked handle is a ScriptObject dynamo cannot proxy; inductor's lowering of
+        onednn.qlinear_pointwise wants a weight it prepacked itself. Both stay eager islands."""
+        return self.kernel in ("int_mm", "triton")
+
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"int8_dynamic/{self.kernel}"
@@ -122,7 +138,9 @@ class Int8Dynamic(Candidate):
             if reason:
                 return reason
             if op.m < CUDA_INT_MM_MIN_M:
-                return f"{name}: cuBLASLt int8 GEMM needs M > 16, got M={op.m}"
+                return (f"{name}: cuBLASLt int8 GEMM needs M > 16, got M={op.m} (linear() zero-pads to 17 "
+                        "rows so a finalized layer still runs, but that is not worth timing: "
+                        "int8_weight_only covers small M)")
             if op.k % 8 or op.n % 8:
                 return f"{name}: cuBLASLt int8 GEMM needs K and N multiples of 8, got K={op.k} N={op.n}"
             return None
@@ -153,7 +171,8 @@ class Int8Dynamic(Candidate):
         if q.device.type != "cpu" or self.kernel in ("int_mm", "triton"):
             return None
         if self.kernel == "fbgemm":
-            return torch.ops.quantized.linear_prepack(_per_channel_qint8(q, scale), None)
+            with quantized_engine("fbgemm"):
+                return torch.ops.quantized.linear_prepack(_per_channel_qint8(q, scale), None)
         return {
             "w": torch.ops.onednn.qlinear_prepack(q, None),
             "w_zp": torch.zeros(q.shape[0], dtype=torch.long),
@@ -163,8 +182,7 @@ class Int8Dynamic(Candidate):
     def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The activation as the matmul consumes it (onednn: uint8 codes 1..127 with zp 64)."""
         if self.kernel == "onednn":
-            q, s = int8_act_per_token(x, ONEDNN_ACT_QMAX)
-            return (q.to(torch.int16) + ONEDNN_ZP).to(torch.uint8), s
+            return uint8_act_per_token_offset(x, ONEDNN_ACT_QMAX, ONEDNN_ZP)
         if self.kernel == "triton":
             return require_triton_op("quantize_per_token_int8")(x)
         return int8_act_per_token(x)

@@ -33,11 +33,20 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import int8_weight_per_channel
-from ._util import (FLOAT_DTYPES, add_bias, bad_dtype_reason, cpu_scalar_only_reason, not_cuda_reason,
-                    op_dtype, require_triton_op, scales_by_dtype, triton_op)
+from ._util import (
+    FLOAT_DTYPES,
+    add_bias,
+    bad_dtype_reason,
+    cpu_scalar_only_reason,
+    not_cuda_reason,
+    op_dtype,
+    require_triton_op,
+    scales_by_dtype,
+    triton_op,
+)
 from .base import Candidate, register
 
-__all__ = ["Int8WeightOnly", "INT8_FORMAT", "quantize_int8_nk_rowscale"]
+__all__ = ["INT8_FORMAT", "Int8WeightOnly", "quantize_int8_nk_rowscale"]
 
 KERNELS = ("int8pack", "dequant", "triton")
 INT8_FORMAT = "int8_nk_rowscale"

@@ -78,7 +78,7 @@ def test_first_call_mode_returns_quantized_output():
     model = mlp()
     x = torch.randn(8, 64)
     ref = model(x)
-    autoquant(model, cache=None, progress=False, timer=fake({("int8_weight_only", "int8pack"): 1e-7}))
+    autoquant(model, cache=None, progress=False, timer=fake({("int8_dynamic", "fbgemm"): 1e-7}))
     assert isinstance(model[0].weight, AutoQuantizableLinearWeight)
     y = model(x)
     assert isinstance(model[0], QuantizedLinear)
@@ -134,31 +134,33 @@ def test_interpolate_formula_decides():
     # dynamic: full 10, matmul 4 -> 0.85*10 + 0.15*4 = 9.1 < static 9.2; with c=1 it costs 10.
     def costs():
         return {("int8_dynamic", "fbgemm"): lambda k: 10e-6 if k.timed is Timed.FULL else 4e-6,
-                ("int8_weight_only", "int8pack"): 9.2e-6, ("float", "aten"): 50e-6}
+                "int4_weight_only": 9.2e-6, ("float", "aten"): 50e-6}
 
-    m1 = mlp()
-    autoquant(m1, torch.randn(4, 64), cache=None, progress=False, timer=fake(costs()),
-              candidates=["int8_dynamic", "int8_weight_only"])
+    # int4 weight-only runs vectorized on this CPU for bf16 activations only: bf16 models here
+    m1 = mlp(n=48).to(torch.bfloat16)
+    autoquant(m1, torch.randn(4, 64, dtype=torch.bfloat16), cache=None, progress=False, timer=fake(costs()),
+              candidates=["int8_dynamic", "int4_weight_only"])
     assert aq.report(m1)["winner"].tolist() == ["int8_dynamic"] * 2
     assert aq.report(m1)["cost_us"].tolist() == pytest.approx([9.1, 9.1])
-    m2 = mlp()
-    autoquant(m2, torch.randn(4, 64), mode=("interpolate", 1.0), cache=None, progress=False,
-              timer=fake(costs()), candidates=["int8_dynamic", "int8_weight_only"])
-    assert aq.report(m2)["winner"].tolist() == ["int8_weight_only"] * 2
+    m2 = mlp(n=48).to(torch.bfloat16)  # the CPU int4 pack needs N % 16 == 0
+    autoquant(m2, torch.randn(4, 64, dtype=torch.bfloat16), mode=("interpolate", 1.0), cache=None, progress=False,
+              timer=fake(costs()), candidates=["int8_dynamic", "int4_weight_only"])
+    assert aq.report(m2)["winner"].tolist() == ["int4_weight_only"] * 2
 
 
 def test_tie_prefers_more_accurate():
-    model = mlp(k=128)
-    timer = fake({("int8_weight_only", "int8pack"): 2e-6, "int4_weight_only": 2e-6, ("float", "aten"): 9e-6})
-    autoquant(model, torch.randn(4, 128), cache=None, progress=False, timer=timer,
-              candidates=["int8_weight_only", "int4_weight_only"])
-    assert aq.report(model)["winner"].tolist() == ["int8_weight_only"] * 2
+    model = mlp(k=128).to(torch.bfloat16)
+    timer = fake({("int8_dynamic", "fbgemm"): 2e-6, "int4_weight_only": 2e-6, ("float", "aten"): 9e-6})
+    autoquant(model, torch.randn(4, 128, dtype=torch.bfloat16), cache=None, progress=False, timer=timer,
+              candidates=["int8_dynamic", "int4_weight_only"])
+    # equal cost: int8 (about 35-40 dB) beats int4 (about 20 dB) on accuracy
+    assert aq.report(model)["winner"].tolist() == ["int8_dynamic"] * 2
 
 
 def test_min_sqnr_rejects_on_recorded_activations():
-    model = mlp(k=128)
+    model = mlp(k=128).to(torch.bfloat16)
     timer = fake({"int4_weight_only": 1e-6, ("float", "aten"): 9e-6})
-    autoquant(model, torch.randn(16, 128), cache=None, progress=False, timer=timer,
+    autoquant(model, torch.randn(16, 128, dtype=torch.bfloat16), cache=None, progress=False, timer=timer,
               candidates=["int4_weight_only"], min_sqnr=60.0)
     df = aq.report(model)
     assert df["winner"].tolist() == ["float", "float"]
@@ -312,13 +314,15 @@ def test_shared_weight_kept_float():
 
 
 def test_m_dispatch_shares_one_packed_weight():
-    model = nn.Sequential(nn.Linear(64, 48)).eval()
+    # int8 weight-only has a vectorized CPU kernel for bf16 activations only: a bf16 layer
+    model = nn.Sequential(nn.Linear(64, 48)).eval().to(torch.bfloat16)
     timer = fake({("int8_weight_only", "int8pack"): lambda k: 1e-6 if k.op.m == 1 else 80e-6,
                   ("int8_dynamic", "fbgemm"): lambda k: 9e-6 if k.op.m == 1 else 10e-6,
                   ("float", "aten"): 100e-6})
     autoquant(model, manual=True, cache=None, progress=False, timer=timer,
               candidates=["int8_weight_only", "int8_dynamic"])
-    xs = [torch.randn(1, 64), torch.randn(64, 64), torch.randn(1, 64)]
+    xs = [torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(64, 64, dtype=torch.bfloat16),
+          torch.randn(1, 64, dtype=torch.bfloat16)]
     for x in xs:
         model(x)
     ref = [model[0](x) for x in xs]
@@ -332,10 +336,10 @@ def test_m_dispatch_shares_one_packed_weight():
     # each side is the kernel it claims: compare with each candidate's own reference
     packed = layer.packed()
     small, large = layer.dispatch.small, layer.dispatch.large
-    torch.testing.assert_close(layer(xs[0]), small.reference(xs[0], packed, layer.bias), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(layer(xs[1]), large.reference(xs[1], packed, layer.bias), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(layer(xs[0]), small.reference(xs[0], packed, layer.bias), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(layer(xs[1]), large.reference(xs[1], packed, layer.bias), atol=2e-2, rtol=2e-2)
     for x, r in zip(xs, ref):
-        torch.testing.assert_close(layer(x), r, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(layer(x), r, atol=0.1, rtol=0.1)
     row = aq.report(model).iloc[0]
     # dispatch cost: (2 * 1us + 1 * (0.85*10 + 0.15*10)us) / 3 = 4us
     assert row["cost_us"] == pytest.approx(4.0, rel=1e-6)
@@ -343,12 +347,36 @@ def test_m_dispatch_shares_one_packed_weight():
 
 
 def test_no_dispatch_when_single_candidate_is_as_good():
-    model = nn.Sequential(nn.Linear(64, 48)).eval()
+    # int8 weight-only has a vectorized CPU kernel for bf16 activations only: a bf16 layer
+    model = nn.Sequential(nn.Linear(64, 48)).eval().to(torch.bfloat16)
     timer = fake({("int8_weight_only", "int8pack"): lambda k: 1e-6 if k.op.m == 1 else 10e-6,
                   ("int8_dynamic", "fbgemm"): lambda k: 9e-6 if k.op.m == 1 else 10e-6})
     autoquant(model, manual=True, cache=None, progress=False, timer=timer,
               candidates=["int8_weight_only", "int8_dynamic"])
-    model(torch.randn(1, 64))
-    model(torch.randn(64, 64))
+    model(torch.randn(1, 64, dtype=torch.bfloat16))
+    model(torch.randn(64, 64, dtype=torch.bfloat16))
     aq.finalize(model)
     assert type(model[0]) is QuantizedLinear and model[0].candidate.family == "int8_weight_only"
+
+
+def test_screening_rechecks_when_first_calls_mislead():
+    """The screen's first calls can mislead (a neighbour's load): a candidate set aside as hopeless
+    is timed properly when the full timings show it was within reach after all."""
+
+    class Misleading(FakeTimer):
+        def quick(self, job, device):
+            # int8 fbgemm looks 6x faster than float in its first calls, but is not
+            return 5e-6 if job.key.candidate == "int8_dynamic" else self.cost(job.key)
+
+    def cost(key):
+        if key.candidate == "float" and '"aten"' in key.params and '"compute_dtype":null' in key.params:
+            return 30e-6
+        return 50e-6 if key.candidate == "int8_dynamic" else 1e-3
+
+    timer = CountingTimer(Misleading(cost))
+    model = mlp()
+    autoquant(model, torch.randn(4, 64), cache=None, progress=False, timer=timer)
+    long = aq.report(model, long=True)
+    base = long[long["candidate"] == "float(kernel=aten, compute_dtype=None)"]
+    assert base["cost_us"].tolist() == pytest.approx([30.0, 30.0])
+    assert aq.report(model)["winner"].tolist() == ["float", "float"]

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,7 +30,13 @@ _DEVICE_MARKS = {
     "cuda": pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
 }
 DEVICES = [pytest.param(d, id=d, marks=m) for d, m in _DEVICE_MARKS.items()]
-PUBLIC_OPS = ["int8_wo_mm", "int8_dyn_mm", "quantize_per_token_int8", "int4_wo_mm", "fp8_rowwise_mm"]
+PUBLIC_OPS = [
+    "int8_wo_mm",
+    "int8_dyn_mm",
+    "quantize_per_token_int8",
+    "int4_wo_mm",
+    "fp8_rowwise_mm",
+]
 
 
 def _skip_without_fp8(op: str, device: str) -> None:
@@ -96,7 +102,7 @@ def _run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
 
@@ -105,10 +111,11 @@ def test_import_has_no_side_effects(tmp_path):
         """
         import sys, torch
         import autoquant.kernels as K
-        loaded = [m for m in sys.modules if m.startswith("autoquant.kernels._") and m.endswith("_kernel")]
+        loaded = [m for m in sys.modules if m.startswith("autoquant.kernels._") and "_kernel" in m]
         assert loaded == [], f"kernel modules imported (kernels decorated) at import: {loaded}"
         assert not torch.cuda.is_initialized(), "importing autoquant.kernels initialized CUDA"
-        for name in ("int8_wo_mm", "int8_dyn_mm", "quantize_per_token_int8", "int4_wo_mm", "fp8_rowwise_mm"):
+        for name in ("int8_wo_mm", "int8_dyn_mm", "quantize_per_token_int8", "int4_wo_mm",
+                     "fp8_rowwise_mm"):
             assert hasattr(torch.ops.autoquant, name), name
         print("ok")
         """,
@@ -143,8 +150,8 @@ def test_import_without_triton(tmp_path):
         else:
             raise AssertionError("int8_wo_mm ran without triton")
         with FakeTensorMode():  # shapes still propagate, so compile/export can trace the ops
-            y = torch.ops.autoquant.int8_wo_mm(torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8),
-                                               torch.ones(4), None)
+            fx, fw, fs = torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4)
+            y = torch.ops.autoquant.int8_wo_mm(fx, fw, fs, None)
         assert tuple(y.shape) == (2, 4)
         assert not any(m == "triton" or m.startswith("triton.") for m in sys.modules)
         print("ok")
@@ -161,15 +168,22 @@ def test_import_without_triton(tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(op, device):
     _skip_without_fp8(op, device)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    utils = (
+        "test_schema",
+        "test_autograd_registration",
+        "test_faketensor",
+        "test_aot_dispatch_dynamic",
+    )
     if op == "fp8_rowwise_mm":
-        # test_schema looks for input mutation with torch.allclose, which has no float8 kernel on any
-        # device; the other checks cover the fake impl and tracing.
+        # test_schema looks for input mutation with torch.allclose, which has no float8 kernel on
+        # any device; the other checks cover the fake impl and tracing.
         utils = utils[1:]
-    torch.library.opcheck(getattr(torch.ops.autoquant, op).default, op_inputs(op, device), test_utils=utils)
+    torch.library.opcheck(
+        getattr(torch.ops.autoquant, op).default, op_inputs(op, device), test_utils=utils
+    )
 
 
-# ------------------------------------------------------------------------------------ compile / export
+# ------------------------------------------------------------------------------------ compile / exp
 class _OpModule(torch.nn.Module):
     """forward(x...) = relu(op(x...)), the shape of a quantized linear inside a model."""
 
@@ -199,6 +213,30 @@ def test_compile_fullgraph(op, device):
     _assert_close(compiled(*args), _expected(op, args))
 
 
+class _DynamicLinear(torch.nn.Module):
+    """A quantized linear built on the public Python wrappers, as candidate families call them."""
+
+    def __init__(self, w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.w, self.s, self.bias = w, s, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(K.int8_dynamic_linear(x, self.w, self.s, self.bias))
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_through_python_wrappers(device):
+    x, _, w, s, bias, _ = op_inputs("int8_dyn_mm", device)
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
+    bias = bias.bfloat16()
+    module = _DynamicLinear(w, s, bias)
+    torch._dynamo.reset()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    y = torch.compile(module, backend=backend, fullgraph=True)(x)
+    _assert_close(y, torch.relu(K.int8_dynamic_linear_reference(x, w, s, bias)))
+
+
 @needs_triton
 @pytest.mark.skipif(not INTERPRETER, reason="the CPU inductor run needs TRITON_INTERPRET=1")
 def test_compile_inductor_on_cpu():
@@ -215,3 +253,20 @@ def test_export_keeps_the_custom_op(device):
     exported = torch.export.export(_OpModule("int4_wo_mm"), args)
     assert "autoquant.int4_wo_mm" in str(exported.graph)
     _assert_close(exported.module()(*args), _expected("int4_wo_mm", args))
+
+
+# ------------------------------------------------------------------------------------ availability
+@needs_triton
+def test_unavailable_reason_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.unavailable_reason("cpu") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = K.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_unavailable_reason_on_cuda():
+    assert K.unavailable_reason("cuda") is None
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    assert (K.unavailable_reason("cuda", fp8=True) is None) == fp8_ok

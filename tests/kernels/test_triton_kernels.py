@@ -11,7 +11,7 @@ taken relative to the largest reference magnitude (``scale``), which bounds the 
 
 import importlib
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -83,7 +83,7 @@ def int4_weight(n: int, k: int, group: int, dtype: torch.dtype, device: str):
     return K.pack_int4(q).to(device), scales.to(dtype).to(device), zeros.to(dtype).to(device)
 
 
-def maybe_bias(n: int, with_bias: bool, dtype: torch.dtype, device: str) -> Optional[Tensor]:
+def maybe_bias(n: int, with_bias: bool, dtype: torch.dtype, device: str) -> Tensor | None:
     return randn(n, dtype=dtype, device=device, seed=5) if with_bias else None
 
 
@@ -119,7 +119,9 @@ def run_int4(device, dtype, m, k, n, bias, group=32):
 def run_fp8(device, dtype, m, k, n, bias):
     require_fp8(device)
     xq, xs = K.quantize_rowwise_fp8_reference(randn(m, k, dtype=torch.float32, device=device))
-    wq, ws = K.quantize_rowwise_fp8_reference(randn(n, k, dtype=torch.float32, device=device, seed=6))
+    wq, ws = K.quantize_rowwise_fp8_reference(
+        randn(n, k, dtype=torch.float32, device=device, seed=6)
+    )
     b = maybe_bias(n, bias, dtype, device)
     y = K.fp8_rowwise_mm(xq, xs, wq, ws, b, out_dtype=dtype)
     return y, K.fp8_rowwise_mm_reference(xq, xs, wq, ws, b, dtype)
@@ -196,10 +198,17 @@ def test_int8_dynamic_linear(device, dtype):
 @pytest.mark.parametrize("family", list(RUNNERS))
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_m_returns_empty(family, device):
-    y, ref = RUNNERS[family](device, torch.bfloat16, 0, 64, 50, True)
+    y, _ = RUNNERS[family](device, torch.bfloat16, 0, 64, 50, True)
     assert y.shape == (0, 50) and y.dtype == torch.bfloat16 and y.device.type == device
     q, s = K.quantize_per_token_int8(torch.empty(0, 64, device=device))
     assert q.shape == (0, 64) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_n_returns_empty(device):
+    x = randn(7, 64, dtype=torch.bfloat16, device=device)
+    w, s = int8_weight(0, 64, device)
+    assert K.int8_wo_mm(x, w, s).shape == (7, 0)
 
 
 # ------------------------------------------------------------------------------------ int4 packing
@@ -260,37 +269,75 @@ def _fp8_args():
 BAD_CALLS = [
     ("wo-x-1d", lambda: K.int8_wo_mm(torch.randn(64), *_xw()[1:]), "x must be 2-D"),
     ("wo-x-int", lambda: K.int8_wo_mm(_xw()[1], *_xw()[1:]), "x must have dtype"),
-    ("wo-w-float", lambda: K.int8_wo_mm(_xw()[0], _xw()[0], _xw()[2]), "w_int8 must have dtype int8"),
+    (
+        "wo-w-float",
+        lambda: K.int8_wo_mm(_xw()[0], _xw()[0], _xw()[2]),
+        "w_int8 must have dtype int8",
+    ),
     ("wo-K-mismatch", lambda: K.int8_wo_mm(torch.randn(7, 32), *_xw()[1:]), "K=32"),
-    ("wo-scale-len", lambda: K.int8_wo_mm(*_xw()[:2], torch.rand(49)), r"w_scale must have shape \[50\]"),
-    ("wo-scale-f64", lambda: K.int8_wo_mm(*_xw()[:2], torch.rand(50, dtype=torch.float64)), "w_scale"),
+    (
+        "wo-scale-len",
+        lambda: K.int8_wo_mm(*_xw()[:2], torch.rand(49)),
+        r"w_scale must have shape \[50\]",
+    ),
+    (
+        "wo-scale-f64",
+        lambda: K.int8_wo_mm(*_xw()[:2], torch.rand(50, dtype=torch.float64)),
+        "w_scale",
+    ),
     ("wo-bias-len", lambda: K.int8_wo_mm(*_xw(), torch.rand(3)), r"bias must have shape \[50\]"),
-    ("dyn-xscale-bf16", lambda: K.int8_dyn_mm(
-        _int8_dyn_args()[0], _int8_dyn_args()[1].bfloat16(), *_int8_dyn_args()[2:], out_dtype=torch.bfloat16
-    ), "x_scale must have dtype float32"),
+    (
+        "dyn-xscale-bf16",
+        lambda: K.int8_dyn_mm(
+            _int8_dyn_args()[0],
+            _int8_dyn_args()[1].bfloat16(),
+            *_int8_dyn_args()[2:],
+            out_dtype=torch.bfloat16,
+        ),
+        "x_scale must have dtype float32",
+    ),
     ("dyn-out-int", lambda: K.int8_dyn_mm(*_int8_dyn_args(), out_dtype=torch.int32), "out_dtype"),
-    ("dyn-x-float", lambda: K.int8_dyn_mm(
-        torch.randn(7, 64), *_int8_dyn_args()[1:], out_dtype=torch.float32
-    ), "x_int8 must have dtype int8"),
+    (
+        "dyn-x-float",
+        lambda: K.int8_dyn_mm(torch.randn(7, 64), *_int8_dyn_args()[1:], out_dtype=torch.float32),
+        "x_int8 must have dtype int8",
+    ),
     ("quant-3d", lambda: K.quantize_per_token_int8(torch.randn(2, 3, 4)), "x must be 2-D"),
-    ("int4-K-not-multiple", lambda: K.int4_wo_mm(torch.randn(7, 96), *_int4_args(96)[1:], 64),
-     "multiple of group_size"),
+    (
+        "int4-K-not-multiple",
+        lambda: K.int4_wo_mm(torch.randn(7, 96), *_int4_args(96)[1:], 64),
+        "multiple of group_size",
+    ),
     ("int4-G16", lambda: K.int4_wo_mm(*_int4_args(), 16), "group_size must be one of"),
-    ("int4-scales-shape", lambda: K.int4_wo_mm(
-        *_int4_args()[:2], torch.rand(3, 50), torch.rand(3, 50), 32
-    ), "scales must have shape"),
-    ("int4-zeros-dtype", lambda: K.int4_wo_mm(
-        *_int4_args()[:3], _int4_args()[3].bfloat16(), 32
-    ), "zeros must have dtype"),
-    ("int4-packed-dtype", lambda: K.int4_wo_mm(
-        _int4_args()[0], _int4_args()[1].to(torch.int8), *_int4_args()[2:], 32
-    ), "w_packed must have dtype uint8"),
-    ("fp8-x-bf16", lambda: K.fp8_rowwise_mm(
-        torch.randn(7, 64).bfloat16(), *_fp8_args()[1:], out_dtype=torch.bfloat16
-    ), "x_fp8 must have dtype float8_e4m3fn"),
-    ("fp8-wscale-len", lambda: K.fp8_rowwise_mm(
-        *_fp8_args()[:3], torch.rand(5), out_dtype=torch.bfloat16
-    ), r"w_scale must have shape \[50\]"),
+    (
+        "int4-scales-shape",
+        lambda: K.int4_wo_mm(*_int4_args()[:2], torch.rand(3, 50), torch.rand(3, 50), 32),
+        "scales must have shape",
+    ),
+    (
+        "int4-zeros-dtype",
+        lambda: K.int4_wo_mm(*_int4_args()[:3], _int4_args()[3].bfloat16(), 32),
+        "zeros must have dtype",
+    ),
+    (
+        "int4-packed-dtype",
+        lambda: K.int4_wo_mm(
+            _int4_args()[0], _int4_args()[1].to(torch.int8), *_int4_args()[2:], 32
+        ),
+        "w_packed must have dtype uint8",
+    ),
+    (
+        "fp8-x-bf16",
+        lambda: K.fp8_rowwise_mm(
+            torch.randn(7, 64).bfloat16(), *_fp8_args()[1:], out_dtype=torch.bfloat16
+        ),
+        "x_fp8 must have dtype float8_e4m3fn",
+    ),
+    (
+        "fp8-wscale-len",
+        lambda: K.fp8_rowwise_mm(*_fp8_args()[:3], torch.rand(5), out_dtype=torch.bfloat16),
+        r"w_scale must have shape \[50\]",
+    ),
 ]
 
 
@@ -315,7 +362,7 @@ def test_mixed_devices_raise_value_error():
 # compiles. K is not a multiple of the larger BLOCK_K values (tail masking); M and N are not
 # multiples of any tile.
 if INTERPRETER:
-    TILE_DEVICE: Optional[str] = "cpu"
+    TILE_DEVICE: str | None = "cpu"
 elif HAS_CUDA:
     TILE_DEVICE = "cuda"
 else:
@@ -326,7 +373,10 @@ FAMILIES = {
     "int8_wo": ("_int8_wo_kernel", lambda d: run_int8_wo(d, torch.bfloat16, 33, 320, 72, True)),
     "int8_dyn": ("_int8_dyn_kernel", lambda d: run_int8_dyn(d, torch.bfloat16, 33, 320, 72, True)),
     "int4_wo-G32": ("_int4_wo_kernel", lambda d: run_int4(d, torch.bfloat16, 33, 96, 72, True, 32)),
-    "int4_wo-G128": ("_int4_wo_kernel", lambda d: run_int4(d, torch.bfloat16, 33, 256, 72, True, 128)),
+    "int4_wo-G128": (
+        "_int4_wo_kernel",
+        lambda d: run_int4(d, torch.bfloat16, 33, 256, 72, True, 128),
+    ),
     "fp8_rowwise": ("_fp8_kernel", lambda d: run_fp8(d, torch.bfloat16, 33, 320, 72, True)),
 }
 
@@ -341,7 +391,8 @@ def _cases():
     cases = []
     for family, (module_name, _) in FAMILIES.items():
         for tile in _kernel_module(module_name).TILES:
-            tid = f"{family}-{tile.block_m}x{tile.block_n}x{tile.block_k}-w{tile.num_warps}s{tile.num_stages}"
+            blocks = f"{tile.block_m}x{tile.block_n}x{tile.block_k}"
+            tid = f"{family}-{blocks}-w{tile.num_warps}s{tile.num_stages}"
             cases.append(pytest.param(family, tile, id=tid))
     return cases
 
