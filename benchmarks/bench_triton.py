@@ -386,7 +386,6 @@ def main(argv: list[str] | None = None) -> int:
         "--m", default=None, help="comma-separated M values (default 1,16,64,256,1024)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     schemes = [s for s in args.schemes.split(",") if s]
     unknown = sorted(set(schemes) - set(SCHEMES))
@@ -410,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if not K.HAS_TRITON:
         print("bench_triton.py needs Triton (pip install triton); it is not importable here.")
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = run(schemes, ms, kns, device, timer)
     print_table(rows)
     if args.dry_run:

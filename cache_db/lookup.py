@@ -5,8 +5,9 @@ Python per key (5 ms for 200 keys) before the database sees the query, and Postg
 200-row IN list every time. Here the keys travel as parameters only, never as SQL text:
   SQLite      a VALUES list joined to the unique index (CROSS JOIN pins the VALUES side as the
               outer loop, so every key is one index probe); the SQL text is cached per chunk size.
-  PostgreSQL  ten arrays unnested into rows and joined to the unique index; the statement text never
-              changes, so psycopg prepares it once per connection and the server plans it once.
+  PostgreSQL  ten arrays (sent in binary) unnested into rows and joined to the unique index; the
+              statement text never changes, so psycopg prepares it once per connection and the
+              server plans it once.
 Both return the caller's position of each key (`i`), so rows map back without re-keying.
 """
 
@@ -28,9 +29,10 @@ _MATCH = " AND ".join(f"x.{c} = q.{c}" for c in _COLUMNS)
 _SELECT = "q.i, x.median_s, x.p25_s, x.p75_s, x.samples, x.load_avg"
 _ENV = "(SELECT id FROM environments WHERE hash = {})"
 
+# %b: psycopg sends the arrays in binary, about 7 times cheaper to build than the text form.
 _PG_SQL = (
-    f"SELECT {_SELECT} FROM unnest(%s::int[], %s::text[], %s::bigint[], %s::bigint[], "
-    "%s::bigint[], %s::text[], %s::bool[], %s::text[], %s::text[], %s::int[]) "
+    f"SELECT {_SELECT} FROM unnest(%b::int[], %b::text[], %b::bigint[], %b::bigint[], "
+    "%b::bigint[], %b::text[], %b::bool[], %b::text[], %b::text[], %b::int[]) "
     f"AS q(i, {', '.join(_COLUMNS)}) "
     f"JOIN measurements AS x ON x.env_id = {_ENV.format('%s')} AND {_MATCH}"
 )

@@ -172,7 +172,7 @@ def _run(argv: list[str], what: str, server: PostgresServer) -> None:
                                  f"server log:\n{server.log_tail()}")
 
 
-def _prepare_dir(fsync: bool) -> tuple[Path, str]:
+def _prepare_dir() -> tuple[Path, str]:
     base = Path(tempfile.mkdtemp(prefix="autoquant-pg-"))
     password = secrets.token_hex(12)
     (base / "pwfile").write_text(password + "\n")
@@ -184,7 +184,6 @@ def _prepare_dir(fsync: bool) -> tuple[Path, str]:
         for path in (base, base / "pwfile", base / "sock"):
             os.chown(path, user.pw_uid, user.pw_gid)
     base.chmod(0o755)
-    del fsync
     return base, password
 
 
@@ -196,7 +195,7 @@ def start_postgres(*, fsync: bool = False, attempts: int = 3) -> PostgresServer:
         raise PostgresStartError("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on "
                                  "PATH or in /usr/lib/postgresql/*/bin; run "
                                  "scripts/ensure_postgres.sh or set AUTOQUANT_PG_BIN")
-    base, password = _prepare_dir(fsync)
+    base, password = _prepare_dir()
     server = PostgresServer(bin_dir, base, 0, password)
     try:
         _run([str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", _USER, "-E", "UTF8",

@@ -147,3 +147,21 @@ def test_fp8_per_row(dtype):
     kernels = pytest.importorskip("autoquant.kernels")
     q_ref, s_ref = kernels.quantize_rowwise_fp8_reference(t)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+# ---- devices ----------------------------------------------------------------------------------
+def test_quantizers_agree_across_devices(device):
+    """The same codes and scales on every device (IEEE division, round-half-even everywhere)."""
+    x = make_input((9, 128), torch.float32, seed=12) * 3
+    x[2] = 0
+    fns = {
+        "int8_weight": P.int8_weight_per_channel,
+        "int8_token": P.int8_act_per_token,
+        "fp8_row": P.fp8_per_row,
+        "int4": lambda t: P.int4_grouped_asym(t, 32, torch.bfloat16),
+    }
+    for name, fn in fns.items():
+        on_cpu, on_dev = fn(x), fn(x.to(device))
+        for a, b in zip(on_cpu, on_dev):
+            assert b.device.type == device.type
+            assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), name

@@ -69,7 +69,7 @@ class Fp8WeightOnly(Candidate):
     version: ClassVar[int] = 1
     order: ClassVar[int] = 4
     dynamic_activation: ClassVar[bool] = False
-    # Measured on random normal weights: ~31 dB (fp32), ~30 dB (bf16 output).
+    # Measured on random normal data (K=96..4096, fp32 and bf16): 31.3-33.7 dB.
     min_sqnr_db: ClassVar[float] = 27.0
     lossless: ClassVar[bool] = False
 
@@ -96,11 +96,6 @@ class Fp8WeightOnly(Candidate):
         return _dequant_linear(x, packed, bias)
 
 
-def _scaled_mm_out_dtype(x: Tensor) -> torch.dtype:
-    """What _scaled_mm writes: x's dtype on CPU; bf16 on CUDA (row-wise scaling, see docstring)."""
-    return torch.bfloat16 if x.is_cuda else x.dtype
-
-
 @register
 @dataclass(frozen=True)
 class Fp8Dynamic(Candidate):
@@ -108,7 +103,7 @@ class Fp8Dynamic(Candidate):
     version: ClassVar[int] = 1
     order: ClassVar[int] = 5
     dynamic_activation: ClassVar[bool] = True
-    # Measured on random normal data: ~28 dB (x and w both e4m3), bf16 alike.
+    # Measured on random normal data (K=96..4096, fp32 and bf16): 28.2-30.5 dB.
     min_sqnr_db: ClassVar[float] = 24.0
     lossless: ClassVar[bool] = False
 

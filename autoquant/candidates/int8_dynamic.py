@@ -103,9 +103,9 @@ class Int8Dynamic(Candidate):
     version: ClassVar[int] = 1
     order: ClassVar[int] = 2
     dynamic_activation: ClassVar[bool] = True
-    # Measured on random normal data: int_mm/triton ~37-38 dB, onednn (7-bit tokens) ~33 dB,
-    # fbgemm (7-bit per tensor) ~31-35 dB; the floor keeps a margin under the worst.
-    min_sqnr_db: ClassVar[float] = 27.0
+    # Measured on random normal data (K=256..4096, fp32 and bf16): int_mm / triton 37.7-40 dB,
+    # onednn (7-bit tokens) 33.8-36 dB, fbgemm (7-bit, per tensor) 32.6-34 dB.
+    min_sqnr_db: ClassVar[float] = 28.0
     lossless: ClassVar[bool] = False
 
     kernel: str = "int_mm"

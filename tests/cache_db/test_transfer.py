@@ -176,3 +176,30 @@ def test_measurement_lines_round_trip(candidate, params, m, k, bias, timed, time
         Measurement(median, p25, p75, samples, load), None, host)
     parsed = parse_lines([measurement_line(sm)])
     assert parsed.measurements == [(1, sm)]
+
+
+_values = (st.none() | st.booleans() | st.integers(-5, 1 << 41) | st.floats(allow_nan=True)
+           | st.text(max_size=4) | st.just("float32") | st.just("full") | st.just("{}"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(GOOD)), value=_values)
+def test_fast_and_checked_validation_agree(field: str, value: object) -> None:
+    from autoquant.cache_db import jsonl
+    rec = {**GOOD, field: value}
+    outcomes = []
+    for check in (jsonl._measurement, jsonl._measurement_checked):
+        try:
+            outcomes.append(("ok", check(dict(rec))))
+        except ValueError:
+            outcomes.append(("error", None))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_lines_that_are_not_one_object_each_are_refused(store: SQLStore) -> None:
+    good = _line(key(CPU_ENV), figures()).strip()
+    from autoquant.cache_db.jsonl import environment_line
+    text = environment_line(CPU_ENV) + good + ", " + good + "\n"
+    with pytest.raises(CacheImportError, match="not valid JSON") as info:
+        store.import_jsonl(io.StringIO(text))
+    assert info.value.line == 2

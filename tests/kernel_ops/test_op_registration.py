@@ -7,6 +7,7 @@ On CUDA every op goes through full inductor, which inlines the Triton kernels (t
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -239,6 +240,10 @@ def test_compile_fullgraph_through_python_wrappers(device):
 
 @needs_triton
 @pytest.mark.skipif(not INTERPRETER, reason="the CPU inductor run needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+    reason="inductor's CPU backend needs a C++ compiler",
+)
 def test_compile_inductor_on_cpu():
     torch._dynamo.reset()
     args = op_inputs("int8_wo_mm", "cpu")

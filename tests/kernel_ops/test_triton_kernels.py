@@ -55,6 +55,15 @@ SHAPES = [
 
 
 # ------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmul():
+    """References use IEEE float32 matmuls; TF32, if something enabled it, is ~1e-3 off."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def assert_matches(y: Tensor, ref: Tensor) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype and y.device == ref.device
     rtol, atol = TOL[ref.dtype]
