@@ -13,6 +13,7 @@ from .keys import BenchKey, Measurement, OpShape, Timed
 from .plan import apply_plan, load_plan, save_plan
 from .pretune import pretune
 from .profile import ShapeProfile, record_shapes
+from .serialize import load, save
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight
 
@@ -20,5 +21,5 @@ __all__ = [
     "__version__", "autoquant", "finalize", "report", "get_report", "DEFAULT_CACHE",
     "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
     "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
-    "apply_plan", "load_plan", "save_plan", "pretune", "ShapeProfile", "record_shapes",
+    "apply_plan", "load_plan", "save_plan", "pretune", "ShapeProfile", "record_shapes", "save", "load",
 ]
