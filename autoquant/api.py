@@ -275,6 +275,9 @@ def finalize(model: nn.Module) -> nn.Module:
             return model
         raise RuntimeError("autoquant.finalize(model) needs autoquant(model, manual=True) first")
     started = time.perf_counter()
+    if session.layers and not any(r.calls for r in session.records.values()):
+        log.warning("autoquant.finalize: no forward pass was recorded, so every layer stays float; "
+                    "run the model on representative inputs before finalize")
     try:
         tuning = _tune_session(session)
     except BaseException:

@@ -23,14 +23,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from autoquant.cache_db import SQLStore
 from autoquant.cache_db.jsonl import environment_line, header_line, measurement_line
 from autoquant.cache_db.pgserver import find_pg_bin, start_postgres
 from autoquant.cache_db.records import StoredMeasurement
+
 from autoquant.hardware import Environment
 from autoquant.keys import BenchKey, Measurement, OpShape, Timed, canonical_json
 
@@ -156,8 +157,8 @@ def run_backend(url: str, rows: int, repeat: int) -> Figures:
     puts = []
     for i in range(3):  # new rows each time, in an environment with no rows yet
         items = fresh_items(ENVS[8], i * 10_000, 10_000)
-        puts.append(timed_runs(lambda: store.put_many(ENVS[8], items), 1)[0])
-    update = timed_runs(lambda: store.put_many(ENVS[8], items), 1)[0]
+        puts.append(timed_runs(lambda items=items: store.put_many(ENVS[8], items), 1)[0])
+    update = timed_runs(lambda: store.put_many(ENVS[8], items), 1)[0]  # the last 10,000 again
     text = jsonl_text(ENVS[9], 100_000)
     cpu = time.process_time()
     imp = timed_runs(lambda: store.import_jsonl(io.StringIO(text)), 1)[0]

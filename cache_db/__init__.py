@@ -9,15 +9,39 @@ True
 
 from .errors import CacheImportError, CacheUnavailableError
 from .migrations import SCHEMA_VERSION
-from .opening import DEFAULT_FILE_NAME, FallbackStore, default_cache_url, open_store
-from .opening import open_store_or_memory
-from .records import (CacheStats, EnvironmentCount, ExportReport, ImportReport, PruneReport,
-                      ShapeProfile, StoredMeasurement)
+from .opening import (
+                      DEFAULT_FILE_NAME,
+                      FallbackStore,
+                      default_cache_url,
+                      open_store,
+                      open_store_or_memory,
+)
+from .records import (
+                      CacheStats,
+                      EnvironmentCount,
+                      ExportReport,
+                      ImportReport,
+                      PruneReport,
+                      ShapeProfile,
+                      StoredMeasurement,
+)
 from .sql_store import SQLStore
 
 __all__ = [
-    "SQLStore", "open_store", "open_store_or_memory", "default_cache_url", "FallbackStore",
-    "CacheUnavailableError", "CacheImportError", "SCHEMA_VERSION", "DEFAULT_FILE_NAME",
-    "StoredMeasurement", "ShapeProfile", "CacheStats", "EnvironmentCount", "ExportReport",
-    "ImportReport", "PruneReport",
+                      "DEFAULT_FILE_NAME",
+                      "SCHEMA_VERSION",
+                      "CacheImportError",
+                      "CacheStats",
+                      "CacheUnavailableError",
+                      "EnvironmentCount",
+                      "ExportReport",
+                      "FallbackStore",
+                      "ImportReport",
+                      "PruneReport",
+                      "SQLStore",
+                      "ShapeProfile",
+                      "StoredMeasurement",
+                      "default_cache_url",
+                      "open_store",
+                      "open_store_or_memory",
 ]

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from .cli_ops import (cmd_export, cmd_import, cmd_ls, cmd_merge, cmd_path, cmd_prune, cmd_stats,
-                      parse_age)
+from .cli_ops import (
+    cmd_export,
+    cmd_import,
+    cmd_ls,
+    cmd_merge,
+    cmd_path,
+    cmd_prune,
+    cmd_stats,
+    parse_age,
+)
 from .errors import CacheImportError, CacheUnavailableError
 from .opening import default_cache_url
 from .sql_store import SQLStore
@@ -59,9 +67,9 @@ def _import(store: SQLStore, args: argparse.Namespace) -> list[str]:
 def _prune(store: SQLStore, args: argparse.Namespace) -> list[str]:
     foreign = None
     if args.foreign:
-        import torch  # noqa: PLC0415 - only to fingerprint this machine
+        import torch
 
-        from ..hardware import environment  # noqa: PLC0415
+        from ..hardware import environment
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         foreign = environment(device)

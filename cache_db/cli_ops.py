@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import IO, Iterable
+from typing import IO
 
 from ..hardware import Environment
 from .engine import ENV_VAR, mask_url, parse_spec, sqlite_file
@@ -20,8 +21,16 @@ from .opening import default_cache_url
 from .records import ImportReport
 from .sql_store import SQLStore
 
-__all__ = ["cmd_path", "cmd_ls", "cmd_stats", "cmd_export", "cmd_import", "cmd_merge",
-           "cmd_prune", "parse_age"]
+__all__ = [
+    "cmd_export",
+    "cmd_import",
+    "cmd_ls",
+    "cmd_merge",
+    "cmd_path",
+    "cmd_prune",
+    "cmd_stats",
+    "parse_age",
+]
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -92,11 +101,11 @@ def cmd_export(store: SQLStore, fh: IO[str], sku: str | None = None) -> list[str
 
 
 def _report_lines(verb: str, r: ImportReport) -> list[str]:
-    lines = [f"{verb} {r.records} records: {r.inserted} new, {r.identical} already present, "
-             f"{r.conflicts} conflicts ({r.replaced} replaced by better-sampled incoming, "
-             f"{r.kept_existing} kept as stored)",
-             f"environments added: {r.environments_added}; shape profiles added: "
-             f"{r.profiles_added}, kept existing: {r.profiles_kept}"]
+    lines = [(f"{verb} {r.records} records: {r.inserted} new, {r.identical} already present, "
+              f"{r.conflicts} conflicts ({r.replaced} replaced by better-sampled incoming, "
+              f"{r.kept_existing} kept as stored)"),
+             (f"environments added: {r.environments_added}; shape profiles added: "
+              f"{r.profiles_added}, kept existing: {r.profiles_kept}")]
     lines += [f"  conflict: {c}" for c in r.conflict_examples]
     return lines
 
@@ -105,7 +114,7 @@ def cmd_import(store: SQLStore, fh: Iterable[str]) -> list[str]:
     return _report_lines("imported", store.import_jsonl(fh))
 
 
-def cmd_merge(store: SQLStore, other: "SQLStore | str | os.PathLike[str]") -> list[str]:
+def cmd_merge(store: SQLStore, other: SQLStore | str | os.PathLike[str]) -> list[str]:
     source = other if isinstance(other, SQLStore) else SQLStore(other)
     try:
         lines = _report_lines(f"merged from {source.describe()}:", store.merge(source))
@@ -125,5 +134,5 @@ def cmd_prune(store: SQLStore, older_than: timedelta | None,
         why.append(f"older than {older_than}")
     if foreign is not None:
         why.append(f"not from {foreign.short()} ({foreign.hash})")
-    return [f"deleted {r.measurements} measurements ({' or '.join(why)}) and "
-            f"{r.environments} environment(s) left empty"]
+    return [(f"deleted {r.measurements} measurements ({' or '.join(why)}) and "
+             f"{r.environments} environment(s) left empty")]

@@ -15,9 +15,10 @@ import random
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
@@ -25,8 +26,17 @@ from sqlalchemy.pool import StaticPool
 
 from .errors import CacheUnavailableError
 
-__all__ = ["parse_spec", "mask_url", "sqlite_file", "preflight_sqlite", "probe_sqlite",
-           "make_engine", "run_transaction", "ENV_VAR", "BUSY_TIMEOUT_S"]
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "ENV_VAR",
+    "make_engine",
+    "mask_url",
+    "parse_spec",
+    "preflight_sqlite",
+    "probe_sqlite",
+    "run_transaction",
+    "sqlite_file",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CacheUnavailableError", "CacheImportError"]
+__all__ = ["CacheImportError", "CacheUnavailableError"]
 
 
 class CacheUnavailableError(RuntimeError):

@@ -16,17 +16,26 @@ from __future__ import annotations
 import json
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape, Timed, canonical_json, parse_dtype
 from .errors import CacheImportError
 from .records import ShapeProfile, StoredMeasurement, as_utc
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ParsedFile", "header_line", "environment_line",
-           "measurement_line", "profile_line", "parse_lines"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ParsedFile",
+    "environment_line",
+    "header_line",
+    "measurement_line",
+    "parse_lines",
+    "profile_line",
+]
 
 FORMAT = "autoquant-tuning-cache"
 FORMAT_VERSION = 1

@@ -14,13 +14,13 @@ Both return the caller's position of each key (`i`), so rows map back without re
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from sqlalchemy import Connection
 
 from ..keys import BenchKey, Measurement
 
-__all__ = ["fetch_figures", "CHUNK"]
+__all__ = ["CHUNK", "fetch_figures"]
 
 # Keys per statement: 10 SQLite variables each stays below SQLite's 32766-variable limit.
 CHUNK = 2000

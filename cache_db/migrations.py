@@ -15,17 +15,34 @@ the new one (its DDL frozen here, not read from the models, which keep changing)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from sqlalchemy import Column, Connection, DateTime, Integer, MetaData, Table, Text, func, inspect
-from sqlalchemy import select, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    func,
+    inspect,
+    select,
+    text,
+)
 
 from .errors import CacheUnavailableError
 from .models import Base, SchemaVersionRow
 
-__all__ = ["SCHEMA_VERSION", "Migration", "MIGRATIONS", "ensure_schema", "check_readable_version",
-           "newer_schema_error"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Migration",
+    "check_readable_version",
+    "ensure_schema",
+    "newer_schema_error",
+]
 
 SCHEMA_VERSION = 2
 # Any fixed number: PostgreSQL sessions migrating the same database queue on this advisory lock.

@@ -23,8 +23,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "SchemaVersionRow", "EnvironmentRow", "MeasurementRow", "ShapeProfileRow",
-           "MEASUREMENT_KEY_COLUMNS", "MEASUREMENT_FIGURE_COLUMNS", "ENVIRONMENT_FIELD_COLUMNS"]
+__all__ = [
+    "ENVIRONMENT_FIELD_COLUMNS",
+    "MEASUREMENT_FIGURE_COLUMNS",
+    "MEASUREMENT_KEY_COLUMNS",
+    "Base",
+    "EnvironmentRow",
+    "MeasurementRow",
+    "SchemaVersionRow",
+    "ShapeProfileRow",
+]
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY (the rowid alias); PostgreSQL gets a 64-bit id.
 _BigId = BigInteger().with_variant(Integer(), "sqlite")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import platformdirs
 
@@ -21,8 +21,13 @@ from .engine import ENV_VAR
 from .errors import CacheUnavailableError
 from .sql_store import SQLStore
 
-__all__ = ["default_cache_url", "open_store", "open_store_or_memory", "FallbackStore",
-           "DEFAULT_FILE_NAME"]
+__all__ = [
+    "DEFAULT_FILE_NAME",
+    "FallbackStore",
+    "default_cache_url",
+    "open_store",
+    "open_store_or_memory",
+]
 
 log = logging.getLogger(__name__)
 DEFAULT_FILE_NAME = "tuning-cache.sqlite"
@@ -37,7 +42,7 @@ def default_cache_url() -> str:
     return f"sqlite:///{Path(platformdirs.user_cache_dir('autoquant')) / DEFAULT_FILE_NAME}"
 
 
-def open_store(spec: "Store | str | os.PathLike[str] | None") -> "Store | None":
+def open_store(spec: Store | str | os.PathLike[str] | None) -> Store | None:
     """None -> None (memory only: the caller uses MemoryStore); a Store -> itself; a
     'sqlite:///...' or 'postgresql+psycopg://...' URL, or a filesystem path (a SQLite file) -> a
     SQLStore. Parent directories of a SQLite file are created. Raises CacheUnavailableError."""
@@ -88,7 +93,7 @@ class FallbackStore:
         return "memory" if self.memory is not None else self.inner.describe()
 
 
-def open_store_or_memory(spec: "Store | str | os.PathLike[str] | None") -> tuple[Store, str | None]:
+def open_store_or_memory(spec: Store | str | os.PathLike[str] | None) -> tuple[Store, str | None]:
     """What the tuner calls: (a usable store, a warning or None). A cache that cannot be opened
     gives a MemoryStore and the reason (also logged); one that fails later degrades the same way
     through FallbackStore."""

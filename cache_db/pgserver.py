@@ -21,11 +21,10 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["find_pg_bin", "start_postgres", "PostgresServer", "PostgresStartError"]
+__all__ = ["PostgresServer", "PostgresStartError", "find_pg_bin", "start_postgres"]
 
 _UNPRIVILEGED = "nobody"
 _USER = "autoquant"
@@ -106,7 +105,7 @@ class PostgresServer:
 
     def execute(self, sql: str, database: str = "postgres") -> None:
         """Run one statement as the server's superuser, outside a transaction."""
-        import psycopg  # noqa: PLC0415 - optional dependency ([postgres] extra)
+        import psycopg
 
         with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user,
                              password=self.password, dbname=database, autocommit=True,
@@ -152,7 +151,7 @@ class PostgresServer:
         except (OSError, ValueError, IndexError):
             pass
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -178,7 +177,7 @@ def _prepare_dir() -> tuple[Path, str]:
     (base / "pwfile").write_text(password + "\n")
     (base / "sock").mkdir()
     if os.geteuid() == 0:  # hand the directory to the unprivileged server user
-        import pwd  # noqa: PLC0415 - POSIX only, and only needed as root
+        import pwd
 
         user = pwd.getpwnam(_UNPRIVILEGED)
         for path in (base, base / "pwfile", base / "sock"):

@@ -8,8 +8,16 @@ from datetime import datetime, timezone
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape
 
-__all__ = ["StoredMeasurement", "ShapeProfile", "EnvironmentCount", "CacheStats", "PruneReport",
-           "ExportReport", "ImportReport", "as_utc"]
+__all__ = [
+    "CacheStats",
+    "EnvironmentCount",
+    "ExportReport",
+    "ImportReport",
+    "PruneReport",
+    "ShapeProfile",
+    "StoredMeasurement",
+    "as_utc",
+]
 
 
 def as_utc(value: datetime | None) -> datetime | None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import operator
 import os
 import socket
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, column, delete, exists, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -26,15 +27,40 @@ from sqlalchemy.engine import URL
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape, Timed
 from . import transfer
+from .engine import (
+    make_engine,
+    mask_url,
+    parse_spec,
+    preflight_sqlite,
+    probe_sqlite,
+    run_transaction,
+    sqlite_file,
+)
 from .lookup import fetch_figures
-from .engine import (make_engine, mask_url, parse_spec, preflight_sqlite, probe_sqlite,
-                     run_transaction, sqlite_file)
-from .migrations import (SCHEMA_VERSION, check_readable_version, ensure_schema,
-                         foreign_database_error, newer_schema_error)
-from .models import (ENVIRONMENT_FIELD_COLUMNS, MEASUREMENT_KEY_COLUMNS, EnvironmentRow,
-                     MeasurementRow, ShapeProfileRow)
-from .records import (CacheStats, EnvironmentCount, ExportReport, ImportReport, PruneReport,
-                      ShapeProfile, StoredMeasurement, as_utc)
+from .migrations import (
+    SCHEMA_VERSION,
+    check_readable_version,
+    ensure_schema,
+    foreign_database_error,
+    newer_schema_error,
+)
+from .models import (
+    ENVIRONMENT_FIELD_COLUMNS,
+    MEASUREMENT_KEY_COLUMNS,
+    EnvironmentRow,
+    MeasurementRow,
+    ShapeProfileRow,
+)
+from .records import (
+    CacheStats,
+    EnvironmentCount,
+    ExportReport,
+    ImportReport,
+    PruneReport,
+    ShapeProfile,
+    StoredMeasurement,
+    as_utc,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -125,7 +151,7 @@ class SQLStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "SQLStore":
+    def __enter__(self) -> SQLStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -281,9 +307,9 @@ class SQLStore:
         return self._read(lambda c: [self.stored_from_row(r)
                                      for r in self.iter_measurement_rows(c, env_hash)])
 
-    def to_dataframe(self) -> "pandas.DataFrame":
+    def to_dataframe(self) -> pandas.DataFrame:
         """One row per measurement, environment columns included (for reports and notebooks)."""
-        import pandas as pd  # noqa: PLC0415 - pandas is slow to import and only needed here
+        import pandas as pd
 
         cols = [E.c.hash.label("env_hash"), E.c.device_kind, E.c.sku, *_KEY_COLS, *_FIGURES,
                 M.c.created_at, M.c.host]
@@ -384,7 +410,7 @@ class SQLStore:
         better-sampled measurement stays; conflicts are counted in the report."""
         return transfer.import_jsonl(self, fh)
 
-    def merge(self, other: "SQLStore") -> ImportReport:
+    def merge(self, other: SQLStore) -> ImportReport:
         """Copy every environment, measurement and profile of `other` in, with import's rules."""
         return transfer.merge(self, other)
 

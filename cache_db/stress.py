@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape, Timed
 from .sql_store import SQLStore
 
-__all__ = ["STRESS_ENV", "overlapping_keys", "figures_for", "write_overlapping",
-           "write_until_killed", "batch_keys", "run_overlapping_writers"]
+__all__ = [
+    "STRESS_ENV",
+    "batch_keys",
+    "figures_for",
+    "overlapping_keys",
+    "run_overlapping_writers",
+    "write_overlapping",
+    "write_until_killed",
+]
 
 STRESS_ENV = Environment(device_kind="cpu", sku="stress-test cpu", capability="avx2", units=2,
                          memory_mb=1024, driver="", cuda="", torch="0", triton="", autoquant="0")
 
 
 def _key(i: int, candidate: str = "stress") -> BenchKey:
-    return BenchKey(STRESS_ENV.hash, candidate, '{"i":%d}' % (i % 7), 1,
+    return BenchKey(STRESS_ENV.hash, candidate, f'{{"i":{i % 7}}}', 1,
                     OpShape(i, 64 + i % 5, 128, i % 2 == 0, "float32"), Timed.FULL)
 
 

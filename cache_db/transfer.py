@@ -8,23 +8,30 @@ conditional upsert, so the rule holds even against a concurrent writer.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any, Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select
 
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape
 from .errors import CacheImportError
-from .jsonl import (environment_line, header_line, measurement_line, parse_lines, profile_line,
-                    profile_ops_json)
+from .jsonl import (
+    environment_line,
+    header_line,
+    measurement_line,
+    parse_lines,
+    profile_line,
+    profile_ops_json,
+)
 from .models import ENVIRONMENT_FIELD_COLUMNS, EnvironmentRow, ShapeProfileRow
 from .records import ExportReport, ImportReport, ShapeProfile, StoredMeasurement, as_utc
 
 if TYPE_CHECKING:
     from .sql_store import SQLStore
 
-__all__ = ["export_jsonl", "import_jsonl", "merge", "profile_ops_json", "profile_from_row"]
+__all__ = ["export_jsonl", "import_jsonl", "merge", "profile_from_row", "profile_ops_json"]
 
 E = EnvironmentRow.__table__
 P = ShapeProfileRow.__table__
@@ -37,7 +44,7 @@ def profile_from_row(row: Any) -> ShapeProfile:
     return ShapeProfile(row.name, row.model_fingerprint, ops, as_utc(row.created_at))
 
 
-def export_jsonl(store: "SQLStore", fh: IO[str], sku: str | None) -> ExportReport:
+def export_jsonl(store: SQLStore, fh: IO[str], sku: str | None) -> ExportReport:
     needle = sku.lower() if sku is not None else None
 
     def work(conn: Connection) -> ExportReport:
@@ -62,13 +69,13 @@ def export_jsonl(store: "SQLStore", fh: IO[str], sku: str | None) -> ExportRepor
     return store._read(work)
 
 
-def import_jsonl(store: "SQLStore", fh: Iterable[str]) -> ImportReport:
+def import_jsonl(store: SQLStore, fh: Iterable[str]) -> ImportReport:
     parsed = parse_lines(fh)
     return apply_records(store, parsed.records, parsed.environments, parsed.measurements,
                          parsed.profiles)
 
 
-def merge(store: "SQLStore", other: "SQLStore") -> ImportReport:
+def merge(store: SQLStore, other: SQLStore) -> ImportReport:
     envs = {e.hash: e for e in other.environments()}
     measurements = [(0, sm) for sm in other.measurements()]
     profiles = [(0, p) for p in other.list_profiles()]
@@ -116,7 +123,7 @@ def _dedupe(measurements: Sequence[tuple[int, StoredMeasurement]], tally: _Tally
     return chosen
 
 
-def _import_profiles(store: "SQLStore", conn: Connection,
+def _import_profiles(store: SQLStore, conn: Connection,
                      profiles: Sequence[tuple[int, ShapeProfile]]) -> tuple[int, int]:
     added = kept = 0
     for _, prof in profiles:
@@ -135,7 +142,7 @@ def _import_profiles(store: "SQLStore", conn: Connection,
     return added, kept
 
 
-def apply_records(store: "SQLStore", records: int, envs: dict[str, Environment],
+def apply_records(store: SQLStore, records: int, envs: dict[str, Environment],
                   measurements: Sequence[tuple[int, StoredMeasurement]],
                   profiles: Sequence[tuple[int, ShapeProfile]]) -> ImportReport:
     """Write validated records in one transaction; see the module docstring for conflicts."""

@@ -88,7 +88,10 @@ def test_minilm_embeddings_cosine():
     with torch.no_grad():
         ref = model.encode(sentences, convert_to_tensor=True, batch_size=8)
     features = model.preprocess(sentences) if hasattr(model, "preprocess") else model.tokenize(sentences)
-    autoquant(model, ({k: v for k, v in features.items()},), cache=None, progress=False, bench=FAST)
+    # fbgemm (per-tensor activation scale) measures 20-35 dB on real BERT layers; with no floor it
+    # wins every layer and the embeddings drift to cosine ~0.97. A 30 dB floor keeps them >= 0.99.
+    autoquant(model, ({k: v for k, v in features.items()},), cache=None, progress=False, bench=FAST,
+              min_sqnr=30.0)
     df = aq.report(model)
     # q k v o, intermediate, output in each of 6 layers, and the pooler: all seen by the warm run
     assert (df["status"] == "tuned").sum() == 6 * 6 + 1

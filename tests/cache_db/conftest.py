@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from autoquant.cache_db.pgserver import PostgresServer, PostgresStartError, find_pg_bin
-from autoquant.cache_db.pgserver import start_postgres
+from autoquant.cache_db.pgserver import (
+    PostgresServer,
+    PostgresStartError,
+    find_pg_bin,
+    start_postgres,
+)
 from autoquant.cache_db.sql_store import SQLStore
+
 from autoquant.hardware import Environment
 
 TEST_DB = "autoquant_tests"

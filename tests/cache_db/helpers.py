@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from autoquant.hardware import Environment
 from autoquant.keys import BenchKey, Measurement, OpShape, Timed, canonical_json
@@ -45,7 +46,7 @@ def _child(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
         os.setgid(NOBODY)
         os.setuid(NOBODY)
         conn.send(("ok", fn(*args)))
-    except BaseException as err:  # report everything to the parent
+    except BaseException as err:  # noqa: BLE001 - the parent reports whatever happened here
         conn.send(("error", type(err).__name__, str(err)))
 
 
@@ -56,7 +57,7 @@ def run_unprivileged(fn: Callable[..., Any], *args: Any) -> tuple:
     if os.geteuid() != 0:
         try:
             return ("ok", fn(*args))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - returned to the caller, as from the child
             return ("error", type(err).__name__, str(err))
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()

@@ -8,11 +8,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from autoquant.cache_db import SQLStore
 from autoquant.cache_db.cli import add_cache_parser
-from autoquant.cache_db.cli_ops import (cmd_export, cmd_import, cmd_ls, cmd_merge, cmd_path,
-                                        cmd_prune, cmd_stats, parse_age)
+from autoquant.cache_db.cli_ops import (
+    cmd_export,
+    cmd_import,
+    cmd_ls,
+    cmd_merge,
+    cmd_path,
+    cmd_prune,
+    cmd_stats,
+    parse_age,
+)
+
 from autoquant.keys import OpShape
 
 from .conftest import CPU_ENV, GPU_ENV

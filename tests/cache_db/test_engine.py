@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-
 from autoquant.cache_db import SQLStore, engine
 from autoquant.cache_db.pgserver import find_pg_bin
+from sqlalchemy import text
 
 from .conftest import CPU_ENV
 from .helpers import figures, key
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     store = SQLStore(tmp_path / "c.sqlite")
     with store._engine.connect() as conn:
-        pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+        pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
         assert pragma("journal_mode") == "wal"
         assert pragma("synchronous") == 1  # NORMAL
         assert pragma("busy_timeout") == int(engine.BUSY_TIMEOUT_S * 1000)
@@ -37,9 +36,10 @@ def test_writers_wait_for_a_held_lock_and_retry(tmp_path: Path, monkeypatch, cap
     # A tiny busy timeout makes SQLite report "database is locked" at once: the retry loop,
     # not the busy handler, has to carry the write through.
     monkeypatch.setattr(engine, "BUSY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(engine, "RETRY_BUDGET_S", 15.0)
     path = tmp_path / "c.sqlite"
     store = SQLStore(path)
-    holder = sqlite3.connect(path, isolation_level=None)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
     release.start()
@@ -79,17 +79,28 @@ def test_ensure_postgres_check_fails_when_nothing_is_installed(tmp_path: Path) -
         pytest.skip("server binaries are installed system-wide here")
     env = {"PATH": "/usr/bin:/bin", "AUTOQUANT_PG_BIN": str(tmp_path)}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "ensure_postgres.sh"), "--check"],
-                          capture_output=True, text=True, timeout=60, env=env)
+                          capture_output=True, text=True, timeout=60, env=env, check=False)
     assert proc.returncode == 1 and "no PostgreSQL server binaries" in proc.stderr
 
 
 @pytest.mark.postgres
 def test_server_listens_on_loopback_only_and_not_as_root(postgres_server) -> None:
     url = postgres_server.url("postgres")
-    with SQLStore(postgres_server.create_schema("autoquant_tests", "probe")) as store:
-        with store._engine.connect() as conn:
-            assert conn.execute(text("SHOW listen_addresses")).scalar() == "127.0.0.1"
-            data_dir = conn.execute(text("SHOW data_directory")).scalar()
+    with SQLStore(postgres_server.create_schema("autoquant_tests", "probe")) as store, \
+            store._engine.connect() as conn:
+        assert conn.execute(text("SHOW listen_addresses")).scalar() == "127.0.0.1"
+        data_dir = conn.execute(text("SHOW data_directory")).scalar()
     postgres_server.drop_schema("autoquant_tests", "probe")
     assert os.stat(data_dir).st_uid != 0 or os.geteuid() != 0
     assert url.startswith("postgresql+psycopg://") and "127.0.0.1" in url
+
+
+def test_missing_server_skips_locally_and_fails_under_ci(monkeypatch) -> None:
+    from .conftest import _no_server
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no binaries"):
+        _no_server("no binaries")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        _no_server("no binaries")

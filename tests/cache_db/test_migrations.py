@@ -7,10 +7,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
-
 from autoquant.cache_db import CacheUnavailableError, SQLStore
 from autoquant.cache_db.migrations import MIGRATIONS, SCHEMA_VERSION
+from sqlalchemy import create_engine, inspect, text
+
 from autoquant.keys import Measurement, OpShape
 
 from .conftest import CPU_ENV

@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from autoquant.cache_db import (CacheUnavailableError, FallbackStore, SQLStore, default_cache_url,
-                                open_store, open_store_or_memory)
+from autoquant.cache_db import (
+    CacheUnavailableError,
+    FallbackStore,
+    SQLStore,
+    default_cache_url,
+    open_store,
+    open_store_or_memory,
+)
 from autoquant.cache_db.engine import mask_url, parse_spec
+
 from autoquant.store import MemoryStore
 
 from .conftest import CPU_ENV

@@ -14,15 +14,26 @@ import sqlite3
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from autoquant.cache_db import (
+    CacheUnavailableError,
+    FallbackStore,
+    SQLStore,
+    open_store,
+    open_store_or_memory,
+)
+from autoquant.cache_db.stress import (
+    STRESS_ENV,
+    batch_keys,
+    figures_for,
+    overlapping_keys,
+    run_overlapping_writers,
+    write_until_killed,
+)
 
-from autoquant.cache_db import (CacheUnavailableError, FallbackStore, SQLStore, open_store,
-                                open_store_or_memory)
-from autoquant.cache_db.stress import (STRESS_ENV, batch_keys, figures_for, overlapping_keys,
-                                       run_overlapping_writers, write_until_killed)
 from autoquant.store import MemoryStore
 
 from .conftest import CPU_ENV, TEST_DB

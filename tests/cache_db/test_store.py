@@ -6,10 +6,10 @@ import dataclasses
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event, text, update
-
 from autoquant.cache_db import SQLStore, StoredMeasurement
 from autoquant.cache_db.models import ENVIRONMENT_FIELD_COLUMNS, EnvironmentRow, MeasurementRow
+from sqlalchemy import event, text, update
+
 from autoquant.hardware import Environment
 from autoquant.keys import Measurement, OpShape, Timed
 from autoquant.store import Store
@@ -91,7 +91,7 @@ def test_get_many_is_one_query_and_put_many_one_transaction(store: SQLStore) -> 
     items = model_keys(CPU_ENV, 200)
     statements: list[str] = []
     engine = store._engine
-    listener = lambda conn, cur, stmt, *a: statements.append(stmt.split()[0].upper())  # noqa: E731
+    listener = lambda conn, cur, stmt, *a: statements.append(stmt.split()[0].upper())
     event.listen(engine, "before_cursor_execute", listener)
     commits: list[int] = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
@@ -178,9 +178,9 @@ def test_describe_masks_the_password(store_url: str, store: SQLStore) -> None:
 
 
 def test_foreign_keys_are_enforced(store: SQLStore) -> None:
-    with pytest.raises(Exception):  # noqa: B017 - IntegrityError, wrapped differently per driver
-        with store._engine.begin() as conn:
-            conn.execute(text("INSERT INTO measurements (env_id, candidate, params, version, m, "
-                              "k, n, bias, dtype, timed, median_s, p25_s, p75_s, samples, host) "
-                              "VALUES (999, 'x', '{}', 1, 1, 1, 1, false, 'float32', 'full', "
-                              "1, 1, 1, 1, '')"))
+    # IntegrityError, wrapped differently per driver
+    with pytest.raises(Exception), store._engine.begin() as conn:  # noqa: B017
+        conn.execute(text("INSERT INTO measurements (env_id, candidate, params, version, m, k, "
+                          "n, bias, dtype, timed, median_s, p25_s, p75_s, samples, host) VALUES "
+                          "(999, 'x', '{}', 1, 1, 1, 1, false, 'float32', 'full', 1, 1, 1, 1, "
+                          "'')"))

@@ -7,12 +7,12 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from autoquant.cache_db import CacheImportError, SQLStore
 from autoquant.cache_db.jsonl import measurement_line, parse_lines
 from autoquant.cache_db.records import StoredMeasurement
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from autoquant.keys import BenchKey, Measurement, OpShape, Timed, canonical_json
 
 from .conftest import CPU_ENV, GPU_ENV
