@@ -69,3 +69,9 @@ def run_demo(*, device: torch.device | None = None, batch: int = 16, hidden: int
           f"{timed['autoquant'].median_s * 1e3:.3f} ms -> speedup {speedup:.2f}x "
           f"(median of {timed['float'].samples} interleaved samples), output cosine {cos:.5f}")
     return {"report": frame, "speedup": speedup, "tune_s": tune_s, "cosine": cos}
+
+
+def tiny_demo() -> DemoMLP:
+    """A small DemoMLP (hidden 128, 2 blocks) for quick command-line tries and tests:
+    ``autoquant report --model autoquant.demo:tiny_demo --input 'float32[4,128]'``."""
+    return DemoMLP(hidden=128, blocks=2, out=64)

@@ -9,10 +9,14 @@ Contract of a family (subclass of :class:`Candidate`):
   reason, kept in the report. Never raises for a device/shape it cannot handle.
 - ``quantize(weight) -> dict[str, Tensor]``: the packed state, plain tensors only (int8 data, scales,
   zeros, ...) so it saves as safetensors. ``weight`` is the float [N, K] nn.Linear weight.
-- ``prepare(packed) -> object``: runtime-only state rebuilt from the packed tensors (e.g. fbgemm's
-  prepacked handle); never saved. Default: None.
+- ``prepare(packed) -> object``: runtime-only state rebuilt from the packed tensors (e.g. scales
+  cast once per dtype); never saved. Default: None. Kernels with an opaque prepacked handle
+  (fbgemm, oneDNN, CPU int4) keep it in ``_cpu_ops.PREPACK_CACHE`` instead, keyed by the weight
+  tensor, so their ops take plain tensors only and trace under torch.compile / torch.export;
+  their ``prepare`` just warms that cache.
 - ``linear(x2d, packed, runtime, bias) -> Tensor``: the fast path on a 2-D [M, K] activation,
-  returns [M, N] in x's dtype.
+  returns [M, N] in x's dtype. ``packed`` may hold more keys than ``quantize`` made (a finalized
+  layer passes its whole buffer dict, bias included, to save building a dict per call).
 - ``reference(x2d, packed, bias) -> Tensor``: plain-PyTorch math of exactly what the kernel
   computes (same rounding of activations), used by tests and as documentation.
 - ``matmul_part(x2d, packed, runtime, bias) -> Callable[[], Tensor] | None``: for dynamic-activation
@@ -107,9 +111,10 @@ class Candidate(ABC):
 
     @property
     def traceable(self) -> bool:
-        """Whether torch.compile can trace `linear` (and inductor lower it). Kernels that hold
-        opaque runtime handles (fbgemm's prepacked weights) or that inductor mis-lowers return
-        False: they then run as an eager island inside a compiled model (a graph break)."""
+        """Whether torch.compile can trace `linear` (and inductor lower it). Every built-in kernel
+        can (opaque handles hide behind the plain-tensor ops of ``_cpu_ops``); a family that
+        cannot returns False and then runs as an eager island inside a compiled model (a graph
+        break)."""
         return True
 
     @property
@@ -153,6 +158,9 @@ class QuantizedLinear(nn.Module):
 
     Its forward folds leading dims into M, makes the activation contiguous, calls the kernel once
     and restores the shape. State dict = the packed tensors (+ bias): safetensors-friendly.
+    Runtime state is rebuilt after ``.to()`` / ``_apply`` and after ``load_state_dict`` (in place
+    or ``assign=True``); prepacked handles keyed by the weight tensor notice in-place writes on
+    their own.
     """
 
     def __init__(
@@ -182,16 +190,25 @@ class QuantizedLinear(nn.Module):
         self.refresh_runtime()
         return out
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_runtime()  # runtime copies (e.g. per-dtype scales) follow the loaded values
+
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.candidate.name}: input has {x.shape[-1]} features, layer expects {self.in_features}"
             )
+        # The buffer dict itself is the packed state (plus "bias"): no dict built per call.
+        buffers = self._buffers
+        if x.dim() == 2:  # already [M, K]: skip two reshapes (~1 us each in eager mode)
+            return self._linear(x if x.is_contiguous() else x.contiguous(), buffers, self._runtime,
+                                buffers["bias"])
+        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = self._linear(x2, self.packed(), self._runtime, self.bias)
+        y = self._linear(x2, buffers, self._runtime, buffers["bias"])
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

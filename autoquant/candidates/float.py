@@ -3,19 +3,23 @@
 Kernels (param ``kernel``):
 
 - ``aten``: ``F.linear``. With ``compute_dtype=None`` this is THE baseline (lossless).
-- ``onednn`` (CPU): the weight reordered once into oneDNN's blocked layout by
-  ``mkldnn._reorder_linear_weight`` (in ``prepare``), then ``mkldnn._linear_pointwise``. The
-  reorder's batch-size hint is left at None: oneDNN then picks a layout that does not depend on M,
-  and every M is correct whatever the hint (checked for hints None/1/16/128 and M = 1..200; with a
-  hint that disagrees with M oneDNN may reorder again inside the call, which is slower, never
-  wrong). On this AVX2 CPU the hint made no measurable difference. bf16 / fp16 weights need
-  avx512bw+avx512vl+avx512dq / avx512_fp16 or avx_ne_convert (``supports`` asks torch).
-  Memory: the plain weight stays in the packed state and the reordered copy lives in the runtime
-  state, so this kernel holds the weight twice.
+- ``onednn`` (CPU): ``mkldnn._linear_pointwise`` over the weight reordered once into oneDNN's
+  blocked layout by ``mkldnn._reorder_linear_weight``. The reorder's batch-size hint is left at
+  None: oneDNN then picks a layout that does not depend on M, and every M is correct whatever the
+  hint (checked for hints None/1/16/128 and M = 1..200; with a hint that disagrees with M oneDNN
+  may reorder again inside the call, which is slower, never wrong). On this AVX2 CPU the hint made
+  no measurable difference. bf16 / fp16 weights need avx512bw+avx512vl+avx512dq / avx512_fp16 or
+  avx_ne_convert (``supports`` asks torch).
 - ``fbgemm_fp16`` (CPU, float32 activations): fp16 weight prepacked by
-  ``quantized.linear_prepack_fp16`` (runtime state), ``quantized.linear_dynamic_fp16``; the
-  activation stays float32 and accumulation is float32, only the weight is rounded to fp16
-  (values beyond +-65504 saturate).
+  ``quantized.linear_prepack_fp16``, then ``quantized.linear_dynamic_fp16``; the activation stays
+  float32 and accumulation is float32, only the weight is rounded to fp16 (values beyond +-65504
+  saturate).
+
+Both CPU kernels run through the opaque ops ``autoquant::cpu_onednn_linear`` /
+``autoquant::cpu_fbgemm_fp16_linear`` (``_cpu_ops``): plain-tensor arguments, so torch.compile and
+torch.export trace them without a graph break, and the reordered / prepacked weight is built once
+per weight tensor in ``prepare`` and kept in ``_cpu_ops.PREPACK_CACHE``. Memory: that copy sits
+next to the plain weight buffer (what a checkpoint saves), so these kernels hold the weight twice.
 
 ``compute_dtype`` (None | "float32" | "bfloat16" | "float16"): None computes in the activation
 dtype; otherwise x (and the stored weight) are cast to it, the kernel runs there and the output is
@@ -42,8 +46,8 @@ from ._util import (
     bad_dtype_reason,
     not_cpu_reason,
     op_dtype,
-    quantized_engine,
 )
+from ._cpu_ops import fbgemm_fp16_linear, onednn_linear, prepack
 from .base import Candidate, register
 
 __all__ = ["FloatCandidate"]
@@ -103,13 +107,6 @@ class FloatCandidate(Candidate):
             return 55.0  # fp16 weight (and x for compute_dtype float16): measured ~73 / ~69 dB
         return 80.0  # compute in float32 for a bf16/fp16 model: only the cast back rounds
 
-    @property
-    def traceable(self) -> bool:
-        """onednn: inductor's lowering of mkldnn._linear_pointwise insists on a weight it packed
-        itself (a graph constant), and fails on ours; fbgemm_fp16's runtime handle is a
-        ScriptObject dynamo cannot proxy. Both run as eager islands inside a compiled model."""
-        return self.kernel == "aten"
-
     # ---- helpers --------------------------------------------------------------------------------
     def _compute(self, x_dtype: torch.dtype) -> torch.dtype:
         return x_dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype)
@@ -147,27 +144,23 @@ class FloatCandidate(Candidate):
         return {"weight": weight.to(dtype).contiguous()}
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
-        w = packed["weight"]
-        if w.device.type != "cpu" or self.kernel == "aten":
-            return None  # CPU-only kernels refuse in linear(); supports() already said why
-        if self.kernel == "onednn":
-            return torch.ops.mkldnn._reorder_linear_weight(w, None)
-        with quantized_engine("fbgemm"):
-            return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+        """Warm the prepack cache (the ops rebuild a missing entry themselves); no runtime state."""
+        if self.kernel != "aten":
+            prepack(self.kernel, packed["weight"])
+        return None
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         cd = self._compute(x.dtype)
         xc = x if x.dtype == cd else x.to(cd)
-        if self.kernel == "aten":
-            w = packed["weight"]
-            y = F.linear(xc, w if w.dtype == cd else w.to(cd), None if bias is None else bias.to(cd))
-        elif runtime is None:
-            raise RuntimeError(f"{self.name}: runtime state missing (weights not on CPU?)")
-        elif self.kernel == "onednn":
-            y = torch.ops.mkldnn._linear_pointwise(xc, runtime, None if bias is None else bias.to(cd),
-                                                   "none", [], "")
+        w = packed["weight"]
+        if self.kernel == "fbgemm_fp16":
+            y = add_bias(fbgemm_fp16_linear(xc, w), bias)
         else:
-            y = add_bias(torch.ops.quantized.linear_dynamic_fp16(xc, runtime), bias)
+            b = bias if bias is None or bias.dtype == cd else bias.to(cd)
+            if self.kernel == "aten":
+                y = F.linear(xc, w if w.dtype == cd else w.to(cd), b)
+            else:
+                y = onednn_linear(xc, w, b)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:

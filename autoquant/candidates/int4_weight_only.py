@@ -12,7 +12,9 @@ Packed state (weight_format ``int4_nk_g{G}``, one portable layout for every kern
 The kernels' own layouts are built from it in ``prepare`` (runtime state, never saved): the CPU
 tinygemm layout depends on the CPU's vector width (blocks of 32 columns on AVX2, 64 on AVX-512), so
 saving it would break a checkpoint moved to another CPU. Cost: the runtime copy doubles the int4
-bytes while the layer lives.
+bytes while the layer lives. The CPU layout lives in ``_cpu_ops.PREPACK_CACHE`` keyed by the
+``w_int4`` buffer, and ``tinygemm_cpu`` runs as the opaque op ``autoquant::cpu_int4pack_mm`` over
+the portable buffers: a torch.export-ed program holds (and saves) only the portable layout.
 
 Kernels:
 
@@ -57,6 +59,7 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
+from ._cpu_ops import int4pack_mm, prepack
 from .base import Candidate, register
 
 __all__ = ["Int4WeightOnly"]
@@ -144,10 +147,8 @@ class Int4WeightOnly(Candidate):
     def prepare(self, packed: dict[str, Tensor]) -> Any:
         w, sz = packed["w_int4"], packed["scales_and_zeros"]
         if self.kernel == "tinygemm_cpu":
-            if w.device.type != "cpu":
-                return None
-            q = unpack_int4_lo_first(w)
-            return {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), "sz": sz}
+            prepack("int4pack", w)  # warms the cache; the op rebuilds a missing entry itself
+            return None
         if self.kernel == "tinygemm":
             tiles = _inner_k_tiles(w.shape[1] * 2)
             if w.device.type != "cuda" or tiles is None:
@@ -160,18 +161,18 @@ class Int4WeightOnly(Candidate):
 
     # ---- compute ------------------------------------------------------------------------------------
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        g = self.group_size
+        if self.kernel == "tinygemm_cpu":
+            sz = packed["scales_and_zeros"]
+            sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)  # tinygemm reads qparams in x's dtype
+            return add_bias(int4pack_mm(x, packed["w_int4"], sz, g), bias)
         if runtime is None:
             raise RuntimeError(f"{self.name}: runtime state missing (weights on the wrong device?)")
-        g = self.group_size
         if self.kernel == "triton":
             fn = require_triton_op("int4_wo_mm")
             return fn(x, packed["w_int4"], runtime["scales"], runtime["zeros"], g, bias)
         sz = runtime["sz"] if runtime["sz"].dtype == x.dtype else runtime["sz"].to(x.dtype)
-        if self.kernel == "tinygemm_cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, runtime["w"], g, sz)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x, runtime["w"], g, sz)
-        return add_bias(y, bias)
+        return add_bias(torch.ops.aten._weight_int4pack_mm(x, runtime["w"], g, sz), bias)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         q = unpack_int4_lo_first(packed["w_int4"]).float()

@@ -3,7 +3,9 @@
 Packed state: ``int8_nk_rowscale`` (``w_int8`` int8 [N, K], ``w_scale`` float32 [N]), the SAME
 dict as int8_weight_only, for every kernel here: a layer can run int8_weight_only at small M and
 one of these at large M over one packed copy. fbgemm and onednn additionally keep a prepacked copy
-of the int8 weight in their runtime state (built in ``prepare``, never saved).
+of the int8 weight (built in ``prepare``, never saved) in ``_cpu_ops.PREPACK_CACHE``, keyed by the
+``w_int8`` buffer: their ops take only plain tensors, so torch.compile / torch.export trace them
+without a graph break (see ``_cpu_ops`` for the bytes each copy costs).
 
 Kernels, and how each quantizes the activation (each ``reference`` mirrors it):
 
@@ -18,12 +20,14 @@ Kernels, and how each quantizes the activation (each ``reference`` mirrors it):
   per TENSOR inside the call, asymmetric uint8 with codes 0..127 (reduce_range): on AVX2 without
   VNNI the u8 x s8 dot (vpmaddubsw) sums pairs in int16 and saturates with full-range codes
   (measured: errors as large as the outputs with reduce_range=False). float32 activations only;
-  others are cast to float32 and back.
+  others are cast to float32 and back. Runs as the opaque op ``autoquant::cpu_fbgemm_int8_linear``.
 - ``onednn`` (CPU): ``onednn.qlinear_prepack(w_int8, None)`` + ``onednn.qlinear_pointwise``. The op
   takes one activation scale / zero point per tensor, so per-token quantization is done in torch
   with the trick: q = round(x / s_m) in -63..63 (7 bits, same saturation reason as fbgemm), passed
   as uint8 q + 64 with x_scale=1.0 and x_zero_point=64 for every row; the kernel returns
-  float32 ``acc * w_scale[n]`` and torch applies ``* s_m + bias``.
+  float32 ``acc * w_scale[n]`` and torch applies ``* s_m + bias``. Only the matmul is the opaque op
+  ``autoquant::cpu_onednn_qlinear``: the activation quantization stays in the graph, where inductor
+  can fuse it with its neighbours.
 - ``triton`` (CUDA): ``autoquant.kernels.quantize_per_token_int8`` + ``int8_dyn_mm`` (same
   per-token math as int_mm, rescale and bias fused in the epilogue).
 
@@ -34,7 +38,6 @@ unfused activation pass left to discount).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,10 +54,10 @@ from ._util import (
     not_cpu_reason,
     not_cuda_reason,
     op_dtype,
-    quantized_engine,
     require_triton_op,
     triton_op,
 )
+from ._cpu_ops import fbgemm_int8_linear, onednn_qlinear, prepack
 from .base import Candidate, register
 from .int8_weight_only import INT8_FORMAT, quantize_int8_nk_rowscale
 
@@ -86,16 +89,6 @@ def _int_mm(x_int8: Tensor, w_int8: Tensor) -> Tensor:
     return torch._int_mm(x_int8, w_int8.t())
 
 
-def _per_channel_qint8(w_int8: Tensor, w_scale: Tensor) -> Tensor:
-    """A per-channel qint8 tensor view of the plain int8 weight, only for fbgemm's prepack."""
-    with warnings.catch_warnings():
-        # Quantized-tensor creation is deprecated in favour of torchao; this is the only way into
-        # fbgemm's prepack, and the tensor lives only inside prepare().
-        warnings.simplefilter("ignore")
-        zero_points = torch.zeros(w_int8.shape[0], dtype=torch.long)
-        return torch._make_per_channel_quantized_tensor(w_int8, w_scale.double(), zero_points, 0)
-
-
 @register
 @dataclass(frozen=True)
 class Int8Dynamic(Candidate):
@@ -117,12 +110,6 @@ class Int8Dynamic(Candidate):
     @property
     def weight_format(self) -> str | None:
         return INT8_FORMAT
-
-    @property
-    def traceable(self) -> bool:
-        """fbgemm's prepacked handle is a ScriptObject dynamo cannot proxy; inductor's lowering of
-        onednn.qlinear_pointwise wants a weight it prepacked itself. Both stay eager islands."""
-        return self.kernel in ("int_mm", "triton")
 
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
@@ -167,16 +154,10 @@ class Int8Dynamic(Candidate):
         return quantize_int8_nk_rowscale(weight)
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
-        q, scale = packed["w_int8"], packed["w_scale"]
-        if q.device.type != "cpu" or self.kernel in ("int_mm", "triton"):
-            return None
-        if self.kernel == "fbgemm":
-            with quantized_engine("fbgemm"):
-                return torch.ops.quantized.linear_prepack(_per_channel_qint8(q, scale), None)
-        return {
-            "w": torch.ops.onednn.qlinear_prepack(q, None),
-            "w_zp": torch.zeros(q.shape[0], dtype=torch.long),
-        }
+        """fbgemm / onednn: warm the prepack cache (the ops rebuild a missing entry themselves)."""
+        if self.kernel in ("fbgemm", "onednn"):
+            prepack(f"{self.kernel}_int8", packed["w_int8"], packed["w_scale"])
+        return None
 
     # ---- compute ------------------------------------------------------------------------------------
     def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,24 +175,18 @@ class Int8Dynamic(Candidate):
             return _rescale(_int_mm(xq, q), xs, scale, bias, out_dtype)
         if self.kernel == "triton":
             return require_triton_op("int8_dyn_mm")(xq, xs, q, scale, bias, out_dtype=out_dtype)
-        if runtime is None:
-            raise RuntimeError(f"{self.name}: runtime state missing (weights not on CPU?)")
         # onednn: float32 out = acc * 1.0 * w_scale[n]; then the per-token scale and bias.
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, ONEDNN_ZP, runtime["w"], scale, runtime["w_zp"],
-                                               None, 1.0, 0, torch.float32, "none", [], "")
-        y = y.mul_(xs[:, None])
-        return add_bias(y, bias).to(out_dtype)
+        y = add_bias(onednn_qlinear(xq, ONEDNN_ZP, q, scale).mul_(xs[:, None]), bias)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
-    def _fbgemm(self, x: Tensor, runtime: Any, bias: Tensor | None) -> Tensor:
-        if runtime is None:
-            raise RuntimeError(f"{self.name}: runtime state missing (weights not on CPU?)")
+    def _fbgemm(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         xf = x if x.dtype == torch.float32 else x.float()
-        y = torch.ops.quantized.linear_dynamic(xf, runtime, True)
-        return add_bias(y, bias).to(x.dtype)
+        y = add_bias(fbgemm_int8_linear(xf, packed["w_int8"], packed["w_scale"]), bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         if self.kernel == "fbgemm":
-            return self._fbgemm(x, runtime, bias)
+            return self._fbgemm(x, packed, bias)
         if self.kernel == "triton":
             fn = require_triton_op("int8_dynamic_linear")
             return fn(x, packed["w_int8"], packed["w_scale"], bias)
@@ -221,7 +196,7 @@ class Int8Dynamic(Candidate):
     def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
                     bias: Tensor | None) -> Callable[[], Tensor] | None:
         if self.kernel == "fbgemm":
-            return lambda: self._fbgemm(x, runtime, bias)
+            return lambda: self._fbgemm(x, packed, bias)
         xq, xs = self._quantize_x(x)
         out_dtype = x.dtype
         return lambda: self._matmul(xq, xs, packed, runtime, bias, out_dtype)

@@ -1,0 +1,339 @@
+"""Opaque CPU ops over plain tensors for the kernels that need a prepacked weight.
+
+fbgemm hands back its prepacked weight as a TorchScript object that dynamo cannot trace and
+export cannot serialize, and inductor's lowering of ``mkldnn._linear_pointwise`` /
+``onednn.qlinear_pointwise`` insists on weights it packed itself. So each such kernel is one
+``torch.library.custom_op`` in the ``autoquant`` namespace whose arguments are the layer's plain
+buffers (int8 / fp16 / packed-int4 weight, scales), with a fake impl for shapes and dtypes::
+
+    autoquant::cpu_onednn_linear(x, w, bias?) -> y                    x.dtype == w.dtype
+    autoquant::cpu_fbgemm_fp16_linear(x, w_fp16) -> y float32         x float32
+    autoquant::cpu_fbgemm_int8_linear(x, w_int8, w_scale) -> y float32   x float32
+    autoquant::cpu_onednn_qlinear(x_u8, x_zero_point, w_int8, w_scale) -> y float32 (acc * w_scale)
+    autoquant::cpu_int4pack_mm(x, w_int4, scales_and_zeros, group_size) -> y x.dtype
+
+torch.compile and torch.export see one opaque node per layer (no graph break, nothing for inductor
+to mis-lower), and an exported program holds only the portable packed tensors: the CPU-specific
+layouts are rebuilt where it runs.
+
+The prepacked handle lives in a process-level :class:`PrepackCache`, keyed by the identity of the
+weight tensor. A layer's ``prepare()`` fills it with its buffers; the op looks the handle up and
+rebuilds it on a miss (a loaded or exported model, a weight changed in place by
+``load_state_dict``: its ``_version`` moves). An entry dies with the weight tensor it was built
+for (``weakref.finalize``), so a freed layer frees its prepack.
+
+Memory (runtime state, never saved; measured by benchmarks/bench_memory.py). Each of these holds the
+weight a second time next to the plain buffers, because the plain buffers are what a checkpoint
+saves and what other kernels / devices read:
+
+- onednn (float): the reordered weight, the same bytes as the weight.
+- fbgemm_fp16: fbgemm's packed fp16 matrix, the same bytes as the fp16 weight.
+- fbgemm int8: the packed int8 matrix plus the qint8 copy fbgemm keeps for ``unpack`` (torch's
+  ``_make_per_channel_quantized_tensor`` copies; there is no qint8 view of an int8 buffer): twice
+  the int8 bytes, plus column offsets (4 bytes per output).
+- onednn int8: the reordered int8 matrix (the int8 bytes) plus zero points (8 bytes per output).
+- int4 tinygemm_cpu: the CPU int4 layout (the int4 bytes): it depends on the CPU's vector width, so
+  it cannot be what is saved.
+The copy could go only by deriving the portable buffers from the prepack at save time (fbgemm and
+oneDNN can unpack), which would make a finalized layer unable to move across devices or kernels;
+not done.
+
+In eager mode the layers call the Python implementation directly (the dispatcher round trip of a
+Python custom op costs 15-25 us here, more than most of these kernels at M=1); under
+torch.compile / torch.export, or when a dispatch mode is active (fake tensors), they go through the
+registered op.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..primitives import unpack_int4_lo_first
+from ._util import quantized_engine
+
+__all__ = [
+    "PREPACK_CACHE",
+    "PrepackCache",
+    "fbgemm_fp16_linear",
+    "fbgemm_int8_linear",
+    "int4pack_mm",
+    "onednn_linear",
+    "onednn_qlinear",
+    "prepack",
+    "tracing",
+]
+
+
+# ---- the prepack cache ----------------------------------------------------------------------------
+def _version(t: Tensor) -> int:
+    """In-place writes bump a tensor's version; inference tensors have none (they cannot be written
+    outside inference mode), so they count as never changed."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _signature(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
+    # data_ptr catches `.data = other` swaps, _version catches in-place writes (load_state_dict).
+    out: list[int] = []
+    for t in tensors:
+        out += (t.data_ptr(), _version(t))
+    return tuple(out)
+
+
+@dataclass
+class _Entry:
+    handle: Any
+    signature: tuple[int, ...]
+    # Weak references to every source tensor: a hit needs the very same objects (an id alone could
+    # be reused by a new tensor once an old source died).
+    refs: tuple[weakref.ref, ...]
+
+    def matches(self, tensors: tuple[Tensor, ...]) -> bool:
+        if len(tensors) != len(self.refs):
+            return False
+        for ref, t in zip(self.refs, tensors):
+            if ref() is not t:
+                return False
+        return _signature(tensors) == self.signature
+
+
+class PrepackCache:
+    """Prepacked handles keyed by (kind, the source tensors' identity).
+
+    ``get(kind, sources, build)`` returns the handle built by ``build(*sources)`` for exactly these
+    tensor objects in their current contents, building it on a miss. The first source is the
+    anchor: its death (garbage collection) evicts the entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int], _Entry] = {}
+        self._lock = threading.Lock()
+        self.builds = 0  # how many handles were built (tests check a warm call builds none)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, kind: str, sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
+        key = (kind, id(sources[0]))
+        entry = self._entries.get(key)
+        if entry is not None and entry.matches(sources):
+            return entry.handle
+        return self._insert(key, sources, build)
+
+    def _insert(self, key: tuple[str, int], sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
+        handle = build(*sources)
+        entry = _Entry(handle, _signature(sources), tuple(weakref.ref(t) for t in sources))
+        with self._lock:
+            old = self._entries.get(key)
+            self._entries[key] = entry
+            self.builds += 1
+        if old is None or old.refs[0]() is not sources[0]:
+            # One finalizer per anchor object: a rebuild after an in-place write reuses it.
+            weakref.finalize(sources[0], self._evict, key)
+        return handle
+
+    def _evict(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            # Only an entry whose anchor is dead: a new tensor may already hold the same id and
+            # have its own entry under this key.
+            if entry is not None and entry.refs[0]() is None:
+                del self._entries[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+PREPACK_CACHE = PrepackCache()
+
+
+def tracing() -> bool:
+    """Whether this call is being traced (torch.compile, torch.export) or runs under a dispatch
+    mode (fake tensors, ...): then the registered op must be called, not its Python body.
+    ``is_compiling()`` comes first: dynamo folds it to True and never looks at the second test."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+# ---- builders (what prepare() and a cache miss run) -----------------------------------------------
+def _build_onednn(w: Tensor) -> Tensor:
+    # batch-size hint None: a layout independent of M (see float.py).
+    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
+def _build_fbgemm_fp16(w: Tensor) -> Any:
+    with quantized_engine("fbgemm"):
+        return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+
+
+def _build_fbgemm_int8(w_int8: Tensor, w_scale: Tensor) -> Any:
+    import warnings  # noqa: PLC0415 - only on a (rare) build
+
+    with warnings.catch_warnings():
+        # Quantized-tensor creation is deprecated in favour of torchao; it is the only way into
+        # fbgemm's prepack, and the qint8 tensor lives only inside the handle.
+        warnings.simplefilter("ignore")
+        zero_points = torch.zeros(w_int8.shape[0], dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(w_int8, w_scale.double(), zero_points, 0)
+    with quantized_engine("fbgemm"):
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _build_onednn_int8(w_int8: Tensor, w_scale: Tensor) -> tuple[Tensor, Tensor]:
+    # w_scale is not part of the handle (it is passed per call) but is a source, so that a new
+    # scale tensor never meets a stale entry by accident.
+    return torch.ops.onednn.qlinear_prepack(w_int8, None), torch.zeros(w_int8.shape[0], dtype=torch.long)
+
+
+def _build_int4(w_int4: Tensor) -> Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4_lo_first(w_int4), 1)
+
+
+_BUILDERS: dict[str, tuple[Callable[..., Any], int]] = {
+    # kind -> (builder, how many leading source tensors it reads)
+    "onednn": (_build_onednn, 1),
+    "fbgemm_fp16": (_build_fbgemm_fp16, 1),
+    "fbgemm_int8": (_build_fbgemm_int8, 2),
+    "onednn_int8": (_build_onednn_int8, 2),
+    "int4pack": (_build_int4, 1),
+}
+
+
+def prepack(kind: str, *sources: Tensor) -> None:
+    """Warm the cache for `sources` (called from a candidate's ``prepare``); CPU tensors only."""
+    if sources[0].device.type != "cpu":
+        return  # CPU kernels: supports() already says why; the op refuses other devices
+    build, _ = _BUILDERS[kind]
+    PREPACK_CACHE.get(kind, sources, build)
+
+
+def _handle(kind: str, *sources: Tensor) -> Any:
+    return PREPACK_CACHE.get(kind, sources, _BUILDERS[kind][0])
+
+
+# ---- the ops: Python bodies, registered ops, fake impls -------------------------------------------
+def _onednn_linear_impl(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _handle("onednn", w), bias, "none", [], "")
+
+
+def _fbgemm_fp16_impl(x: Tensor, w: Tensor) -> Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x, _handle("fbgemm_fp16", w))
+
+
+def _fbgemm_int8_impl(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    # reduce_range=True: 7-bit activation codes (int16 pair saturation on AVX2, see int8_dynamic.py).
+    return torch.ops.quantized.linear_dynamic(x, _handle("fbgemm_int8", w_int8, w_scale), True)
+
+
+def _onednn_qlinear_impl(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    packed, w_zp = _handle("onednn_int8", w_int8, w_scale)
+    # x_scale 1.0: the caller applies the per-token scales after (see int8_dynamic.py).
+    return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, x_zero_point, packed, w_scale, w_zp,
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def _int4pack_impl(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, _handle("int4pack", w_int4), group_size,
+                                                      scales_and_zeros)
+
+
+_OPTS = {"mutates_args": (), "device_types": "cpu"}
+
+
+@torch.library.custom_op("autoquant::cpu_onednn_linear", **_OPTS)
+def _onednn_linear_op(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return _onednn_linear_impl(x, w, bias)
+
+
+@torch.library.custom_op("autoquant::cpu_fbgemm_fp16_linear", **_OPTS)
+def _fbgemm_fp16_op(x: Tensor, w: Tensor) -> Tensor:
+    return _fbgemm_fp16_impl(x, w)
+
+
+@torch.library.custom_op("autoquant::cpu_fbgemm_int8_linear", **_OPTS)
+def _fbgemm_int8_op(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    return _fbgemm_int8_impl(x, w_int8, w_scale)
+
+
+@torch.library.custom_op("autoquant::cpu_onednn_qlinear", **_OPTS)
+def _onednn_qlinear_op(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    return _onednn_qlinear_impl(x_u8, x_zero_point, w_int8, w_scale)
+
+
+@torch.library.custom_op("autoquant::cpu_int4pack_mm", **_OPTS)
+def _int4pack_op(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    return _int4pack_impl(x, w_int4, scales_and_zeros, group_size)
+
+
+def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=dtype)
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return _out(x, w.shape[0], x.dtype)
+
+
+@_fbgemm_fp16_op.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return _out(x, w.shape[0], torch.float32)
+
+
+@_fbgemm_int8_op.register_fake
+def _(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    return _out(x, w_int8.shape[0], torch.float32)
+
+
+@_onednn_qlinear_op.register_fake
+def _(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    return _out(x_u8, w_int8.shape[0], torch.float32)
+
+
+@_int4pack_op.register_fake
+def _(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    return _out(x, w_int4.shape[0], x.dtype)
+
+
+# ---- what the candidates call: the op when traced, its body in eager mode -------------------------
+def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """oneDNN linear of `x` [M, K] with the plain weight `w` [N, K] (same dtype), bias fused."""
+    if tracing():
+        return _onednn_linear_op(x, w, bias)
+    return _onednn_linear_impl(x, w, bias)
+
+
+def fbgemm_fp16_linear(x: Tensor, w: Tensor) -> Tensor:
+    """float32 `x` [M, K] times the fp16 weight `w` [N, K], float32 accumulation and output."""
+    if tracing():
+        return _fbgemm_fp16_op(x, w)
+    return _fbgemm_fp16_impl(x, w)
+
+
+def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    """fbgemm dynamic int8 linear (x per tensor, 7-bit; weight per channel), float32 output."""
+    if tracing():
+        return _fbgemm_int8_op(x, w_int8, w_scale)
+    return _fbgemm_int8_impl(x, w_int8, w_scale)
+
+
+def onednn_qlinear(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    """float32 ``(x_u8 - x_zero_point) @ w_int8.T * w_scale`` through oneDNN."""
+    if tracing():
+        return _onednn_qlinear_op(x_u8, x_zero_point, w_int8, w_scale)
+    return _onednn_qlinear_impl(x_u8, x_zero_point, w_int8, w_scale)
+
+
+def int4pack_mm(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """CPU tinygemm int4 matmul over the portable ``w_int4`` (qparams in x's dtype)."""
+    if tracing():
+        return _int4pack_op(x, w_int4, scales_and_zeros, group_size)
+    return _int4pack_impl(x, w_int4, scales_and_zeros, group_size)
