@@ -97,7 +97,8 @@ def cmd_export(store: SQLStore, fh: IO[str], sku: str | None = None) -> list[str
     which = f" matching SKU {sku!r}" if sku else ""
     name = getattr(fh, "name", None)
     return [f"exported {r.measurements} measurements from {r.environments} environment(s)"
-            f"{which} and {r.profiles} profile(s)" + (f" to {name}" if isinstance(name, str) else "")]
+            f"{which} and {r.profiles} profile(s)"
+            + (f" to {name}" if isinstance(name, str) else "")]
 
 
 def _report_lines(verb: str, r: ImportReport) -> list[str]:

@@ -1,8 +1,8 @@
 """Engines, pre-flight checks and transactions with retry, for SQLite files and PostgreSQL.
 
 SQLite: WAL journal (readers never block the writer), synchronous=NORMAL (a crash loses at most the
-last commits, never consistency), a 30 s busy timeout, foreign keys on, and write transactions opened
-with BEGIN IMMEDIATE so two writers queue on the busy handler instead of deadlocking on a lock
+last commits, never consistency), a 30 s busy timeout, foreign keys on, and write transactions
+opened with BEGIN IMMEDIATE so two writers queue on the busy handler instead of deadlocking on a lock
 upgrade. Anything still reported as "database is locked" is retried with backoff.
 PostgreSQL: psycopg 3; deadlocks and serialization failures are retried the same way.
 """
@@ -52,8 +52,8 @@ _ELSEWHERE = f"or set {ENV_VAR} to another location"
 def parse_spec(spec: str | os.PathLike[str]) -> URL:
     """A database URL from a URL string or a filesystem path (a path means a SQLite file).
 
-    'postgresql://' and 'postgres://' get the psycopg 3 driver; relative SQLite paths become absolute
-    so the store's description is unambiguous in logs."""
+    'postgresql://' and 'postgres://' get the psycopg 3 driver; relative SQLite paths become
+    absolute so the store's description is unambiguous in logs."""
     text = os.fspath(spec)
     if "://" not in text:
         return URL.create("sqlite+pysqlite", database=str(Path(text).expanduser().absolute()))
@@ -142,7 +142,8 @@ def probe_sqlite(path: Path) -> tuple[set[str], int | None]:
     try:
         con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {r[0] for r in rows}
             version = None
             if "schema_version" in tables:
                 row = con.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()

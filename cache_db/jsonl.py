@@ -24,7 +24,7 @@ from typing import Any
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape, Timed, canonical_json, parse_dtype
 from .errors import CacheImportError
-from .records import ShapeProfile, StoredMeasurement, as_utc
+from .records import MeasurementRecord, ShapeProfile, StoredMeasurement, as_utc
 
 __all__ = [
     "FORMAT",
@@ -195,7 +195,7 @@ _FIELDS = operator.itemgetter("env", "candidate", "params", "version", "m", "k",
                               "dtype", "timed", "median_s", "p25_s", "p75_s", "samples")
 
 
-def _measurement(rec: dict) -> StoredMeasurement:
+def _measurement(rec: dict) -> MeasurementRecord:
     """The common case, checked inline (an import spends most of its time here); anything
     unusual goes through :func:`_measurement_checked`, which accepts exactly the same records
     and names the field at fault."""
@@ -213,11 +213,9 @@ def _measurement(rec: dict) -> StoredMeasurement:
                 and 0.0 <= p25 <= med <= p75 <= _MAX_SECONDS  # False for NaN; inf is too big
                 and (load is None or (type(load) is float and 0.0 <= load <= _MAX_SECONDS))
                 and type(host) is str and rec["created_at"] is None):
-            return StoredMeasurement(
-                BenchKey(env, cand, params, version, OpShape(m, k, n, bias, dtype),
-                         _TIMED[timed]),
-                Measurement(med, p25, p75, samples, load), None, host)
-    return _measurement_checked(rec)
+            return MeasurementRecord(env, (cand, m, k, n, dtype, bias, timed, params, version),
+                                     (med, p25, p75, samples, load), None, host)
+    return MeasurementRecord.from_stored(_measurement_checked(rec))
 
 
 def _measurement_checked(rec: dict) -> StoredMeasurement:
@@ -263,7 +261,7 @@ def _profile(rec: dict) -> ShapeProfile:
 class ParsedFile:
     records: int
     environments: dict[str, Environment]
-    measurements: list[tuple[int, StoredMeasurement]]  # (line number, record)
+    measurements: list[tuple[int, MeasurementRecord]]  # (line number, record)
     profiles: list[tuple[int, ShapeProfile]]
 
 

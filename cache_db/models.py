@@ -38,7 +38,7 @@ __all__ = [
 _BigId = BigInteger().with_variant(Integer(), "sqlite")
 _Timestamp = DateTime(timezone=True)
 
-# The measurement identity, in the order of the unique index (env first: every lookup filters on it).
+# The measurement identity, in the unique index's order (env first: every lookup filters on it).
 MEASUREMENT_KEY_COLUMNS = ("env_id", "candidate", "m", "k", "n", "dtype", "bias", "timed", "params",
                            "version")
 MEASUREMENT_FIGURE_COLUMNS = ("median_s", "p25_s", "p75_s", "samples", "load_avg")
@@ -115,7 +115,7 @@ class MeasurementRow(Base):
 
 
 class ShapeProfileRow(Base):
-    """The op shapes (and how often each ran) recorded from one model, kept to re-tune without it."""
+    """The op shapes (and how often each ran) recorded from a model, kept to tune without it."""
 
     __tablename__ = "shape_profiles"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from ..hardware import Environment
-from ..keys import BenchKey, Measurement, OpShape
+from ..keys import BenchKey, Measurement, OpShape, Timed
 
 __all__ = [
     "CacheStats",
@@ -21,7 +22,8 @@ __all__ = [
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """Timezone-aware UTC. SQLite hands back naive timestamps that CURRENT_TIMESTAMP wrote in UTC."""
+    """Timezone-aware UTC. SQLite hands back naive timestamps, written in UTC by
+    CURRENT_TIMESTAMP."""
     if value is None:
         return None
     if value.tzinfo is None:
@@ -37,6 +39,37 @@ class StoredMeasurement:
     measurement: Measurement
     created_at: datetime | None = None
     host: str = ""
+
+
+def key_values(key: BenchKey) -> tuple:
+    """A key's column values after the environment: (candidate, m, k, n, dtype, bias, timed,
+    params, version), the order of the unique index and of every bulk path."""
+    op = key.op
+    return (key.candidate, op.m, op.k, op.n, op.dtype, op.bias, key.timed.value, key.params,
+            key.version)
+
+
+class MeasurementRecord(NamedTuple):
+    """A measurement as plain values, for the bulk paths (import, merge), where building
+    BenchKey and Measurement dataclasses for every row would cost more than the database."""
+
+    env: str  # environment hash
+    key: tuple  # key_values() order
+    figures: tuple  # (median_s, p25_s, p75_s, samples, load_avg)
+    created_at: datetime | None
+    host: str
+
+    @classmethod
+    def from_stored(cls, sm: StoredMeasurement) -> MeasurementRecord:
+        m = sm.measurement
+        return cls(sm.key.env_hash, key_values(sm.key),
+                   (m.median_s, m.p25_s, m.p75_s, m.samples, m.load_avg), sm.created_at, sm.host)
+
+    def to_stored(self) -> StoredMeasurement:
+        candidate, m, k, n, dtype, bias, timed, params, version = self.key
+        return StoredMeasurement(
+            BenchKey(self.env, candidate, params, version, OpShape(m, k, n, bias, dtype),
+                     Timed(timed)), Measurement(*self.figures), self.created_at, self.host)
 
 
 @dataclass(frozen=True)

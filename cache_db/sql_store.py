@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import operator
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, column, delete, exists, func, or_, select, text
+from sqlalchemy import Connection, delete, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -46,7 +45,6 @@ from .migrations import (
 )
 from .models import (
     ENVIRONMENT_FIELD_COLUMNS,
-    MEASUREMENT_KEY_COLUMNS,
     EnvironmentRow,
     MeasurementRow,
     ShapeProfileRow,
@@ -61,6 +59,7 @@ from .records import (
     StoredMeasurement,
     as_utc,
 )
+from .upsert import upsert_rows
 
 if TYPE_CHECKING:
     import pandas
@@ -74,17 +73,7 @@ P = ShapeProfileRow.__table__
 _KEY_COLS = (M.c.candidate, M.c.m, M.c.k, M.c.n, M.c.dtype, M.c.bias, M.c.timed, M.c.params,
              M.c.version)
 _FIGURES = (M.c.median_s, M.c.p25_s, M.c.p75_s, M.c.samples, M.c.load_avg)
-# Measurement rows as the driver receives them (table order; created_at last and optional).
-ROW_COLUMNS = ("env_id", "candidate", "params", "version", "m", "k", "n", "bias", "dtype", "timed",
-               "median_s", "p25_s", "p75_s", "samples", "load_avg", "host", "created_at")
-_ROW_KEY_ORDER = operator.itemgetter(0, 1, 4, 5, 6, 8, 7, 9, 2, 3)  # the unique index's order
-_PG_ARRAY_TYPES = {"env_id": "integer", "candidate": "text", "params": "text",
-                   "version": "integer", "m": "bigint", "k": "bigint", "n": "bigint",
-                   "bias": "boolean", "dtype": "text", "timed": "text",
-                   "median_s": "double precision", "p25_s": "double precision",
-                   "p75_s": "double precision", "samples": "integer",
-                   "load_avg": "double precision", "host": "text", "created_at": "timestamptz"}
-PG_UPSERT_CHUNK = 20_000  # rows per PostgreSQL upsert statement
+
 
 def _key_from_row(env_hash: str, row: Sequence[Any]) -> BenchKey:
     candidate, m, k, n, dtype, bias, timed, params, version = row[:9]
@@ -121,7 +110,6 @@ class SQLStore:
             self._location = mask_url(self._url)
         self._engine = make_engine(self._url)
         self._host = socket.gethostname()
-        self._sql: dict[tuple[bool, bool], str] = {}
         try:
             if self._path is None:  # a server: refuse a newer schema before taking write locks
                 self._read(lambda c: check_readable_version(c, self._location))
@@ -142,7 +130,6 @@ class SQLStore:
 
     def _insert(self, table):
         return (sqlite_insert if self.backend == "sqlite" else pg_insert)(table)
-
 
     def describe(self) -> str:
         """The SQLite file path, or the URL with its password masked."""
@@ -184,60 +171,14 @@ class SQLStore:
         wanted = sorted(set(hashes))
         return dict(conn.execute(select(E.c.hash, E.c.id).where(E.c.hash.in_(wanted))).all())
 
-    def _upsert_sql(self, better_sampled_only: bool, with_created: bool) -> str:
-        """The measurement upsert (SQLAlchemy's dialect-specific INSERT .. ON CONFLICT DO UPDATE),
-        compiled once to positional driver SQL, so a batch costs the driver's time only and not
-        SQLAlchemy's per-row parameter processing (3x faster on 100,000 rows).
-        SQLite: one row of parameters per row, run with executemany (in-process, cheap).
-        PostgreSQL: one statement per chunk, its rows sent as one array per column and unnested
-        server-side: a set-based insert instead of 10,000 single-row ones over the wire."""
-        cache_key = (better_sampled_only, with_created)
-        if cache_key not in self._sql:
-            columns = ROW_COLUMNS if with_created else ROW_COLUMNS[:-1]
-            if self.backend == "sqlite":
-                ins = sqlite_insert(M)
-            else:
-                arrays = ", ".join(f"CAST(:{c} AS {_PG_ARRAY_TYPES[c]}[])" for c in columns)
-                source = text(f"SELECT * FROM unnest({arrays})").columns(
-                    *(column(c) for c in columns))
-                ins = pg_insert(M).from_select(list(columns), source)
-            new = ins.excluded
-            update = {name: new[name] for name in (*(c.name for c in _FIGURES), "host")}
-            update["created_at"] = new.created_at if with_created else func.now()
-            stmt = ins.on_conflict_do_update(
-                index_elements=list(MEASUREMENT_KEY_COLUMNS), set_=update,
-                where=(new.samples > M.c.samples) if better_sampled_only else None)
-            dialect = type(self._engine.dialect)(
-                paramstyle="qmark" if self.backend == "sqlite" else "format")
-            compiled = stmt.compile(dialect=dialect, column_keys=list(columns),
-                                    for_executemany=self.backend == "sqlite")
-            if tuple(compiled.positiontup or ()) != columns:
-                raise RuntimeError(f"upsert parameter order {compiled.positiontup} != {columns}")
-            sql = compiled.string
-            if self.backend == "postgresql":  # %b: psycopg sends each array in binary,
-                sql = sql.replace("%s", "%b")  # about 7 times cheaper to build than text
-            self._sql[cache_key] = sql
-        return self._sql[cache_key]
-
     def upsert_measurements(self, conn: Connection, rows: list[tuple], *,
                             better_sampled_only: bool = False) -> None:
-        """Insert or update rows made by :meth:`measurement_row` (distinct keys), all with or
-        all without created_at (without: the server's clock). Sorted by key first so concurrent
-        PostgreSQL writers lock rows in one order and cannot deadlock each other."""
-        if not rows:
-            return
-        rows.sort(key=_ROW_KEY_ORDER)
-        sql = self._upsert_sql(better_sampled_only, len(rows[0]) == len(ROW_COLUMNS))
-        if self.backend == "sqlite":
-            conn.exec_driver_sql(sql, rows)
-            return
-        for start in range(0, len(rows), PG_UPSERT_CHUNK):
-            columns = zip(*rows[start:start + PG_UPSERT_CHUNK])
-            conn.exec_driver_sql(sql, tuple(list(c) for c in columns))
+        """Insert or update rows made by :meth:`measurement_row` (see :mod:`.upsert`)."""
+        upsert_rows(conn, rows, better_sampled_only=better_sampled_only)
 
     def measurement_row(self, env_id: int, key: BenchKey, m: Measurement, host: str,
                         created: Any = None) -> tuple:
-        """Column values in ROW_COLUMNS order, as the driver takes them; `created` is a
+        """Column values in upsert.ROW_COLUMNS order, as the driver takes them; `created` is a
         :meth:`driver_time` value, or None for the server's clock."""
         op = key.op
         row = (env_id, key.candidate, key.params, key.version, op.m, op.k, op.n, op.bias,

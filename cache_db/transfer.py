@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 from sqlalchemy import Connection, select
 
 from ..hardware import Environment
-from ..keys import BenchKey, Measurement, OpShape
+from ..keys import OpShape
 from .errors import CacheImportError
 from .jsonl import (
     environment_line,
@@ -25,8 +25,9 @@ from .jsonl import (
     profile_line,
     profile_ops_json,
 )
+from .lookup import fetch_values
 from .models import ENVIRONMENT_FIELD_COLUMNS, EnvironmentRow, ShapeProfileRow
-from .records import ExportReport, ImportReport, ShapeProfile, StoredMeasurement, as_utc
+from .records import ExportReport, ImportReport, MeasurementRecord, ShapeProfile, as_utc
 
 if TYPE_CHECKING:
     from .sql_store import SQLStore
@@ -77,14 +78,13 @@ def import_jsonl(store: SQLStore, fh: Iterable[str]) -> ImportReport:
 
 def merge(store: SQLStore, other: SQLStore) -> ImportReport:
     envs = {e.hash: e for e in other.environments()}
-    measurements = [(0, sm) for sm in other.measurements()]
+    # Rows straight from the other store's cursor: (hash, key columns, figures, created_at, host).
+    measurements = other._read(lambda conn: [
+        (0, MeasurementRecord(r[0], tuple(r[1:10]), tuple(r[10:15]), as_utc(r[15]), r[16]))
+        for r in other.iter_measurement_rows(conn)])
     profiles = [(0, p) for p in other.list_profiles()]
     records = len(envs) + len(measurements) + len(profiles)
     return apply_records(store, records, envs, measurements, profiles)
-
-
-def _same(a: Measurement, b: Measurement) -> bool:
-    return (a.median_s, a.p25_s, a.p75_s, a.samples) == (b.median_s, b.p25_s, b.p75_s, b.samples)
 
 
 class _Tally:
@@ -94,32 +94,34 @@ class _Tally:
         self.inserted = self.replaced = self.kept = self.identical = 0
         self.examples: list[str] = []
 
-    def conflict(self, key: BenchKey, old: Measurement, new: Measurement, where: str) -> bool:
-        """Count a conflict; True if `new` wins."""
-        wins = new.samples > old.samples
+    def conflict(self, env: str, key: tuple, old: tuple, new: tuple, where: str) -> bool:
+        """Count a conflict between figures `old` and `new`; True if `new` wins."""
+        wins = new[3] > old[3]  # more samples
         if wins:
             self.replaced += 1
         else:
             self.kept += 1
         if len(self.examples) < _MAX_EXAMPLES:
+            candidate, m, k, n, dtype, bias, timed, params, version = key
             self.examples.append(
-                f"{key.candidate} {key.params} v{key.version} {key.op.label()} {key.timed.value} "
-                f"env {key.env_hash}: {where} {old.samples} samples vs incoming {new.samples} -> "
-                f"kept {'incoming' if wins else where}")
+                f"{candidate} {params} v{version} {m}x{k}x{n}{'+b' if bias else ''} {dtype} "
+                f"{timed} env {env}: {where} {old[3]} samples vs incoming {new[3]} -> kept "
+                f"{'incoming' if wins else where}")
         return wins
 
 
-def _dedupe(measurements: Sequence[tuple[int, StoredMeasurement]], tally: _Tally
-            ) -> dict[BenchKey, tuple[int, StoredMeasurement]]:
-    chosen: dict[BenchKey, tuple[int, StoredMeasurement]] = {}
-    for line, sm in measurements:
-        prev = chosen.get(sm.key)
+def _dedupe(measurements: Sequence[tuple[int, MeasurementRecord]], tally: _Tally
+            ) -> dict[tuple[str, tuple], MeasurementRecord]:
+    chosen: dict[tuple[str, tuple], MeasurementRecord] = {}
+    for _, rec in measurements:
+        ident = (rec.env, rec.key)
+        prev = chosen.get(ident)
         if prev is None:
-            chosen[sm.key] = (line, sm)
-        elif _same(prev[1].measurement, sm.measurement):
+            chosen[ident] = rec
+        elif prev.figures[:4] == rec.figures[:4]:
             tally.identical += 1
-        elif tally.conflict(sm.key, prev[1].measurement, sm.measurement, "earlier line"):
-            chosen[sm.key] = (line, sm)
+        elif tally.conflict(rec.env, rec.key, prev.figures, rec.figures, "earlier line"):
+            chosen[ident] = rec
     return chosen
 
 
@@ -142,13 +144,28 @@ def _import_profiles(store: SQLStore, conn: Connection,
     return added, kept
 
 
+def _stored_figures(conn: Connection, chosen: dict[tuple[str, tuple], MeasurementRecord],
+                    known_envs: set[str]) -> dict[tuple[str, tuple], tuple]:
+    """Figures already stored for the chosen keys, one bulk lookup per environment; an
+    environment that was not stored before this import has none to look up."""
+    by_env: dict[str, list[tuple]] = {}
+    for env, key in chosen:
+        if env in known_envs:
+            by_env.setdefault(env, []).append(key)
+    found: dict[tuple[str, tuple], tuple] = {}
+    for env, keys in by_env.items():
+        for i, *figures in fetch_values(conn, env, keys):
+            found[(env, keys[i])] = tuple(figures)
+    return found
+
+
 def apply_records(store: SQLStore, records: int, envs: dict[str, Environment],
-                  measurements: Sequence[tuple[int, StoredMeasurement]],
+                  measurements: Sequence[tuple[int, MeasurementRecord]],
                   profiles: Sequence[tuple[int, ShapeProfile]]) -> ImportReport:
     """Write validated records in one transaction; see the module docstring for conflicts."""
     first_use: dict[str, int] = {}
-    for line, sm in measurements:
-        first_use.setdefault(sm.key.env_hash, line)
+    for line, rec in measurements:
+        first_use.setdefault(rec.env, line)
     now = store.driver_time(datetime.now(timezone.utc))  # for records that carry no time
 
     def work(conn: Connection) -> ImportReport:
@@ -161,20 +178,21 @@ def apply_records(store: SQLStore, records: int, envs: dict[str, Environment],
             if env_hash not in ids:
                 raise CacheImportError(line, f"measurement names environment {env_hash!r}, which "
                                        f"is neither in the file nor in {store.describe()}")
-        existing = store.fetch_existing(conn, chosen)
+        stored = _stored_figures(conn, chosen, before)
         rows = []
-        for key, (_, sm) in chosen.items():
-            old = existing.get(key)
+        for ident, rec in chosen.items():
+            old = stored.get(ident)
             if old is None:
                 tally.inserted += 1
-            elif _same(old, sm.measurement):
+            elif old[:4] == rec.figures[:4]:
                 tally.identical += 1
                 continue
-            elif not tally.conflict(key, old, sm.measurement, "stored"):
+            elif not tally.conflict(rec.env, rec.key, old, rec.figures, "stored"):
                 continue
-            created = now if sm.created_at is None else store.driver_time(sm.created_at)
-            rows.append(store.measurement_row(ids[key.env_hash], key, sm.measurement, sm.host,
-                                              created))
+            candidate, m, k, n, dtype, bias, timed, params, version = rec.key
+            created = now if rec.created_at is None else store.driver_time(rec.created_at)
+            rows.append((ids[rec.env], candidate, params, version, m, k, n, bias, dtype, timed,
+                         *rec.figures, rec.host, created))
         store.upsert_measurements(conn, rows, better_sampled_only=True)
         p_added, p_kept = _import_profiles(store, conn, profiles)
         return ImportReport(records, len(set(envs) - before), tally.inserted, tally.replaced,

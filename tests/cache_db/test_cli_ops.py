@@ -70,8 +70,10 @@ def test_prune(filled: SQLStore) -> None:
     assert line.startswith("deleted 1 measurements") and "1 environment(s)" in line
 
 
-@pytest.mark.parametrize("text,expected", [("90d", timedelta(days=90)), ("12h", timedelta(hours=12)),
-                                           ("1.5w", timedelta(weeks=1.5)), ("30 m", timedelta(minutes=30))])
+@pytest.mark.parametrize("text,expected", [
+    ("90d", timedelta(days=90)), ("12h", timedelta(hours=12)), ("1.5w", timedelta(weeks=1.5)),
+    ("30 m", timedelta(minutes=30)),
+])
 def test_parse_age(text: str, expected: timedelta) -> None:
     assert parse_age(text) == expected
 

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     store = SQLStore(tmp_path / "c.sqlite")
     with store._engine.connect() as conn:
-        pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+        def pragma(name: str) -> object:
+            return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
         assert pragma("journal_mode") == "wal"
         assert pragma("synchronous") == 1  # NORMAL
         assert pragma("busy_timeout") == int(engine.BUSY_TIMEOUT_S * 1000)

@@ -48,7 +48,8 @@ def _make_v1(url: str) -> None:
         for stmt in filter(str.strip, ddl.split(";")):
             conn.execute(text(stmt))
         conn.execute(text(f"INSERT INTO environments (hash, {', '.join(env)}) VALUES "
-                          f"(:hash, {', '.join(':' + f for f in env)})"), {"hash": CPU_ENV.hash, **env})
+                          f"(:hash, {', '.join(':' + f for f in env)})"),
+                     {"hash": CPU_ENV.hash, **env})
         k = key(CPU_ENV)
         conn.execute(text(
             "INSERT INTO measurements (env_id, candidate, params, version, m, k, n, bias, dtype, "

@@ -213,8 +213,8 @@ def _file_with_data(directory: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode,needle", [(0o444, "is read-only"),
-                                         (0o000, "cannot be read")], ids=["read-only", "unreadable"])
+@pytest.mark.parametrize("mode,needle", [(0o444, "is read-only"), (0o000, "cannot be read")],
+                         ids=["read-only", "unreadable"])
 def test_permissions_of_the_file(shared_dir: Path, mode: int, needle: str) -> None:
     path = _file_with_data(shared_dir)
     before = path.read_bytes()

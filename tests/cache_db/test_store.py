@@ -91,7 +91,10 @@ def test_get_many_is_one_query_and_put_many_one_transaction(store: SQLStore) -> 
     items = model_keys(CPU_ENV, 200)
     statements: list[str] = []
     engine = store._engine
-    listener = lambda conn, cur, stmt, *a: statements.append(stmt.split()[0].upper())
+
+    def listener(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement.split()[0].upper())
+
     event.listen(engine, "before_cursor_execute", listener)
     commits: list[int] = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
@@ -184,3 +187,24 @@ def test_foreign_keys_are_enforced(store: SQLStore) -> None:
                           "n, bias, dtype, timed, median_s, p25_s, p75_s, samples, host) VALUES "
                           "(999, 'x', '{}', 1, 1, 1, 1, false, 'float32', 'full', 1, 1, 1, 1, "
                           "'')"))
+
+
+@pytest.mark.postgres
+def test_postgres_lookups_probe_the_unique_index_whatever_the_statistics(postgres_url: str
+                                                                          ) -> None:
+    # A plan made (and prepared) while the table is empty must still probe the index per key
+    # once the table is large, or a lookup scans a whole environment per key.
+    import psycopg
+    from autoquant.cache_db.lookup import _PG_SQL
+    from autoquant.cache_db.records import key_values
+
+    store = SQLStore(postgres_url)
+    store.close()
+    keys = list(model_keys(CPU_ENV, 50))
+    columns = list(zip(*(key_values(k) for k in keys)))
+    params = (list(range(len(keys))), *(list(c) for c in columns), CPU_ENV.hash)
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + _PG_SQL, params))
+    assert "Index Scan using uq_measurements_key" in plan and "Hash Join" not in plan, plan

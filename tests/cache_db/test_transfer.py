@@ -158,7 +158,8 @@ def test_unknown_environment_and_nothing_written(store: SQLStore) -> None:
     assert store.measurements() == [] and store.environments() == []
 
 
-_names = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1, max_size=12)
+_names = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1,
+                 max_size=12)
 _secs = st.floats(min_value=0, max_value=1.0, allow_nan=False)
 
 
@@ -175,7 +176,7 @@ def test_measurement_lines_round_trip(candidate, params, m, k, bias, timed, time
                                                                              "float16"), timed),
         Measurement(median, p25, p75, samples, load), None, host)
     parsed = parse_lines([measurement_line(sm)])
-    assert parsed.measurements == [(1, sm)]
+    assert [(n, r.to_stored()) for n, r in parsed.measurements] == [(1, sm)]
 
 
 _values = (st.none() | st.booleans() | st.integers(-5, 1 << 41) | st.floats(allow_nan=True)
@@ -187,8 +188,13 @@ _values = (st.none() | st.booleans() | st.integers(-5, 1 << 41) | st.floats(allo
 def test_fast_and_checked_validation_agree(field: str, value: object) -> None:
     from autoquant.cache_db import jsonl
     rec = {**GOOD, field: value}
+    from autoquant.cache_db.records import MeasurementRecord
+
+    def checked(r: dict) -> MeasurementRecord:
+        return MeasurementRecord.from_stored(jsonl._measurement_checked(r))
+
     outcomes = []
-    for check in (jsonl._measurement, jsonl._measurement_checked):
+    for check in (jsonl._measurement, checked):
         try:
             outcomes.append(("ok", check(dict(rec))))
         except ValueError:

@@ -1,0 +1,232 @@
+"""Per-call cost of a finalized layer over its raw kernel, side by side, CPU, M=1.
+
+For each CPU kernel: a finalized layer (``candidate.build``; the DispatchLinear row builds one
+with ``autoquant.finalize.DispatchLinear``) is timed as ``layer(x)`` against the same kernel
+called directly on the same tensors (the layer's buffers and its prepacked handle): the raw
+callable is the shortest sequence of torch ops computing what the layer computes (activation
+cast / quantization, the kernel, the bias). The difference is what the module, the candidate's
+Python and the prepack-cache lookup add per call. Both run in paired, interleaved rounds (fixed
+threads, warm-up, gc paused), under ``torch.no_grad()`` as inference does; the overhead is the
+median of the per-round differences. Target: <= 5 us.
+
+    python benchmarks/bench_overhead.py            # K=N=256, 1 thread
+    python benchmarks/bench_overhead.py --size 1024 --threads 2 --rounds 61
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoquant.bench import fixed_threads, quantiles
+from autoquant.candidates import (
+    Candidate,
+    FloatCandidate,
+    Fp8Dynamic,
+    Fp8WeightOnly,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    QuantizedLinear,
+)
+from autoquant.candidates._cpu_ops import PREPACK_CACHE, _BUILDERS
+from autoquant.finalize import DispatchLinear
+from autoquant.primitives import fp8_per_row, uint8_act_per_token_offset
+from autoquant.selection import Dispatch
+
+TARGET_US = 5.0
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _handle(kind: str, *sources: Tensor) -> Any:
+    """The prepacked handle the layer's op uses (the very cache entry: nothing is rebuilt)."""
+    return PREPACK_CACHE.get(kind, sources, _BUILDERS[kind][0])
+
+
+# ---- raw callables: what each kernel is, without the module around it ----------------------------
+def _raw_float(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
+    c: FloatCandidate = layer.candidate  # type: ignore[assignment]
+    w, b = layer.weight, layer.bias
+    cd = w.dtype if c.kernel != "fbgemm_fp16" else F32
+    if c.kernel == "aten" and x.dtype == cd:
+        return lambda: F.linear(x, w, b)
+    # The layer casts a bias kept in the model's dtype on every call: so does the raw callable.
+    if c.kernel == "aten":
+        return lambda: F.linear(x.to(cd), w, b.to(cd)).to(x.dtype)
+    if c.kernel == "onednn":
+        h = _handle("onednn", w)
+        if x.dtype == cd:
+            return lambda: torch.ops.mkldnn._linear_pointwise(x, h, b, "none", [], "")
+        return lambda: torch.ops.mkldnn._linear_pointwise(x.to(cd), h, b.to(cd), "none", [], "").to(x.dtype)
+    h = _handle("fbgemm_fp16", w)
+    if x.dtype == F32:
+        return lambda: torch.ops.quantized.linear_dynamic_fp16(x, h).add_(b)
+    return lambda: torch.ops.quantized.linear_dynamic_fp16(x.float(), h).add_(b).to(x.dtype)
+
+
+def _raw_int8_dynamic(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
+    q, s, b = layer.w_int8, layer.w_scale, layer.bias
+    if layer.candidate.kernel == "fbgemm":
+        h = _handle("fbgemm_int8", q, s)
+        return lambda: torch.ops.quantized.linear_dynamic(x, h, True).add_(b)
+    packed, zp = _handle("onednn_int8", q, s)
+
+    def onednn() -> Tensor:
+        xq, xs = uint8_act_per_token_offset(x, 63, 64)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 64, packed, s, zp, None, 1.0, 0, F32, "none", [], "")
+        return y.mul_(xs[:, None]).add_(b)
+
+    return onednn
+
+
+def _raw_int8pack(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
+    q, b = layer.w_int8, layer.bias
+    s = layer._runtime[x.dtype]
+    return lambda: torch._weight_int8pack_mm(x, q, s).add_(b)
+
+
+def _raw_int4(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
+    h = _handle("int4pack", layer.w_int4)
+    sz, b, g = layer.scales_and_zeros, layer.bias, layer.candidate.group_size
+    return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, h, g, sz).add_(b)
+
+
+def _raw_fp8(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
+    w, s, b = layer.w_fp8, layer.w_scale, layer.bias
+    if layer.candidate.family == "fp8_weight_only":
+        return lambda: F.linear(x, w.to(x.dtype) * s.to(x.dtype)[:, None], b)
+    sb = s.reshape(1, -1)
+
+    def scaled() -> Tensor:
+        xq, xs = fp8_per_row(x)
+        return torch._scaled_mm(xq, w.t(), scale_a=xs[:, None], scale_b=sb, bias=b, out_dtype=x.dtype)
+
+    return scaled
+
+
+_RAW: dict[str, Callable[[QuantizedLinear, Tensor], Callable[[], Tensor]]] = {
+    "float": _raw_float,
+    "int8_dynamic": _raw_int8_dynamic,
+    "int8_weight_only": _raw_int8pack,
+    "int4_weight_only": _raw_int4,
+    "fp8_weight_only": _raw_fp8,
+    "fp8_dynamic": _raw_fp8,
+}
+
+
+# ---- the table ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    label: str
+    dtype: torch.dtype
+    candidate: Candidate | None  # None: the DispatchLinear row
+
+
+CASES = (
+    Case("float/aten (baseline)", F32, FloatCandidate("aten")),
+    Case("float/onednn", F32, FloatCandidate("onednn")),
+    Case("float/fbgemm_fp16", F32, FloatCandidate("fbgemm_fp16")),
+    Case("float/aten cast f32 (bf16 model)", BF16, FloatCandidate("aten", "float32")),
+    Case("float/onednn cast f32 (bf16 model)", BF16, FloatCandidate("onednn", "float32")),
+    Case("int8_dynamic/fbgemm", F32, Int8Dynamic("fbgemm")),
+    Case("int8_dynamic/onednn", F32, Int8Dynamic("onednn")),
+    Case("int8_weight_only/int8pack (bf16)", BF16, Int8WeightOnly("int8pack")),
+    Case("int4_weight_only/tinygemm_cpu G64 (bf16)", BF16, Int4WeightOnly("tinygemm_cpu", 64)),
+    Case("fp8_weight_only/dequant", F32, Fp8WeightOnly("dequant")),
+    Case("fp8_dynamic/scaled_mm", F32, Fp8Dynamic("scaled_mm")),
+    Case("DispatchLinear int8pack|onednn (bf16, M<16)", BF16, None),
+)
+
+
+def _layer(case: Case, k: int, n: int) -> tuple[nn.Module, Candidate]:
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(case.dtype)
+    b = torch.randn(n, generator=gen).to(case.dtype)
+    if case.candidate is not None:
+        return case.candidate.build(w, b), case.candidate
+    d = Dispatch(Int8WeightOnly("int8pack"), Int8Dynamic("onednn"), 16)
+    packed = d.small.quantize(w)
+    return DispatchLinear(d, packed, b, k, n), d.small
+
+
+def _block(fn: Callable[[], Any], reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def paired(layer_fn: Callable[[], Any], raw_fn: Callable[[], Any], rounds: int, block_s: float
+           ) -> tuple[float, float, float, float]:
+    """(raw median, layer median, median of per-round differences, its IQR), seconds per call.
+
+    Each round times a block of each callable back to back, in alternating order; the overhead is
+    the median of the per-round differences, so drift and other processes' bursts (this machine
+    has 2 cores and is shared) hit both sides of a difference alike."""
+    for fn in (layer_fn, raw_fn):  # warm-up: first calls build oneDNN primitives, caches, ...
+        _block(fn, 50)
+    reps = max(1, int(block_s / max(_block(raw_fn, 50), 1e-9)))
+    raw, lay, diff = [], [], []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            if r % 2:
+                a, b = _block(layer_fn, reps), _block(raw_fn, reps)
+            else:
+                b, a = _block(raw_fn, reps), _block(layer_fn, reps)
+            lay.append(a)
+            raw.append(b)
+            diff.append(a - b)
+    finally:
+        if gc_was:
+            gc.enable()
+    q1, med, q3 = quantiles(diff)
+    return statistics.median(raw), statistics.median(lay), med, q3 - q1
+
+
+def run(size: int, threads: int, rounds: int, block_s: float) -> list[tuple[str, float, float, float, float]]:
+    rows = []
+    with fixed_threads(threads), torch.no_grad():
+        for case in CASES:
+            layer, small = _layer(case, size, size)
+            x = torch.randn(1, size).to(case.dtype)
+            raw_fn = _RAW[small.family](layer, x)  # a DispatchLinear at M=1 runs its small kernel
+            torch.testing.assert_close(layer(x), raw_fn(), rtol=0, atol=0)  # the same computation
+            raw, lay, over, iqr = paired(lambda: layer(x), raw_fn, rounds, block_s)  # noqa: B023
+            rows.append((case.label, raw * 1e6, lay * 1e6, over * 1e6, iqr * 1e6))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=256, help="K = N of the layer (default 256)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=101)
+    p.add_argument("--block-ms", type=float, default=2.0, help="length of one timed block")
+    args = p.parse_args(argv)
+    rows = run(args.size, args.threads, args.rounds, args.block_ms * 1e-3)
+    print(f"M=1, K=N={args.size}, {args.threads} thread(s), {args.rounds} paired rounds, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'kernel':46s} {'raw us':>8s} {'layer us':>9s} {'overhead us':>12s} {'IQR':>6s}")
+    worst = 0.0
+    for label, raw_us, layer_us, over_us, iqr_us in rows:
+        worst = max(worst, over_us)
+        print(f"{label:46s} {raw_us:8.2f} {layer_us:9.2f} {over_us:12.2f} {iqr_us:6.2f}")
+    print(f"worst overhead {worst:.2f} us (target <= {TARGET_US} us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
