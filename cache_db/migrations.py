@@ -10,7 +10,7 @@ History
 
 To change the schema: edit :mod:`.models`, append a migration that turns the previous version into
 the new one (its DDL frozen here, not read from the models, which keep changing), bump
-``SCHEMA_VERSION``, and extend tests/cache_db/test_migrations.py with a database of the old version.
+``SCHEMA_VERSION``, and extend tests/cache_store/test_migrations.py with a database of the old version.
 """
 
 from __future__ import annotations
