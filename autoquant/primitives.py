@@ -141,7 +141,8 @@ def uint8_act_per_tensor_qparams(x: Tensor, qmax: int) -> tuple[float, int]:
     lo = min(float(x.min()), 0.0)
     hi = max(float(x.max()), 0.0)
     scale = float(torch.tensor((hi - lo) / qmax, dtype=torch.float32))
-    if scale == 0.0 or math.isinf(1.0 / scale):
+    # 1/scale overflows float32 (where fbgemm computes it) for denormal scales: those become 0.1 too
+    if scale == 0.0 or 1.0 / scale > torch.finfo(torch.float32).max:
         scale = float(torch.tensor(0.1, dtype=torch.float32))
     if scale < _FBGEMM_SMALL_SCALE:
         org = scale
