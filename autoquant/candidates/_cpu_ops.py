@@ -22,21 +22,21 @@ rebuilds it on a miss (a loaded or exported model, a weight changed in place by
 ``load_state_dict``: its ``_version`` moves). An entry dies with the weight tensor it was built
 for (``weakref.finalize``), so a freed layer frees its prepack.
 
-Memory (runtime state, never saved; measured by benchmarks/bench_memory.py). Each of these holds the
-weight a second time next to the plain buffers, because the plain buffers are what a checkpoint
-saves and what other kernels / devices read:
+Memory (runtime state, never saved; measured from RSS by benchmarks/bench_memory.py, whose
+numbers these are). Each of these holds the weight a second time next to the plain buffers,
+because the plain buffers are what a checkpoint saves and what other kernels / devices read:
 
-- onednn (float): the reordered weight, the same bytes as the weight.
-- fbgemm_fp16: fbgemm's packed fp16 matrix, the same bytes as the fp16 weight.
-- fbgemm int8: the packed int8 matrix plus the qint8 copy fbgemm keeps for ``unpack`` (torch's
-  ``_make_per_channel_quantized_tensor`` copies; there is no qint8 view of an int8 buffer): twice
-  the int8 bytes, plus column offsets (4 bytes per output).
-- onednn int8: the reordered int8 matrix (the int8 bytes) plus zero points (8 bytes per output).
-- int4 tinygemm_cpu: the CPU int4 layout (the int4 bytes): it depends on the CPU's vector width, so
-  it cannot be what is saved.
+- onednn (float): the reordered weight, 1.0x the weight's bytes.
+- fbgemm_fp16: fbgemm's packed fp16 matrix, 1.0x the fp16 weight.
+- fbgemm int8: the packed int8 matrix (+ column offsets), 1.0-1.1x the int8 bytes.
+- onednn int8: the reordered int8 matrix (+ zero points), 1.0-1.3x the int8 bytes.
+- int4 tinygemm_cpu: the CPU int4 layout, 0.8-0.95x the state (1.0x the packed int4 bytes,
+  scales excluded). It depends on the CPU's vector width, so it cannot be what is saved.
+  Building it unpacks to int32 [N, K] for a moment: a transient 8x the int4 bytes per layer.
 The copy could go only by deriving the portable buffers from the prepack at save time (fbgemm and
 oneDNN can unpack), which would make a finalized layer unable to move across devices or kernels;
-not done.
+not done. int8 weight-only (int8pack) keeps no copy (its runtime state is the scales per float
+dtype), so it is the int8 scheme to pick where memory is the constraint.
 
 In eager mode the layers call the Python implementation directly (the dispatcher round trip of a
 Python custom op costs 15-25 us here, more than most of these kernels at M=1); under

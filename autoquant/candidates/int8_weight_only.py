@@ -13,8 +13,15 @@ Kernels:
   per float dtype. CPU: fp32 / bf16 / fp16 activations, any K, x contiguous; it accumulates in
   float32, multiplies by the (activation-dtype) scale in float32 and rounds once (verified
   bit-exact for bf16). Below AVX-512 only bf16 activations get a vectorized kernel (fp32 / fp16
-  measured 7-60x slower than F.linear), so ``supports`` declines those there. CUDA: the 2.13
-  kernel upcasts everything to float32, same math.
+  measured 7-60x slower than F.linear), so ``supports`` declines those there. The vectorized CPU
+  kernels step K by 8 (AVX2) or 16 (AVX-512, NEON by 8) with no tail loop and use ALIGNED loads
+  of x: any other K reads past each row (wrong results at M=1, a segfault at M >= 2, found by
+  tests/deploy/test_property.py), and an x whose data pointer is not 16 / 32-byte aligned
+  segfaults. So on CPU ``supports`` declines K % 16 != 0, ``prepare`` refuses to build such a
+  layer (a plan from elsewhere fails at build time, not by crashing), and eager ``linear`` copies
+  a misaligned x (one pointer test per call; under torch.compile the check cannot run, and
+  inputs are views at whole-row offsets in practice). CUDA: the 2.13 kernel upcasts everything to
+  float32, same math.
 - ``dequant``: ``F.linear(x, w_int8.to(x.dtype) * scale.to(x.dtype))``; any device, the fallback.
   It materializes the float weight on every call, so it never beats the float baseline and is
   left out of ``default_candidates`` (build it explicitly when wanted).
@@ -44,12 +51,23 @@ from ._util import (
     scales_by_dtype,
     triton_op,
 )
+from ._cpu_ops import tracing
 from .base import Candidate, register
 
 __all__ = ["INT8_FORMAT", "Int8WeightOnly", "quantize_int8_nk_rowscale"]
 
 KERNELS = ("int8pack", "dequant", "triton")
 INT8_FORMAT = "int8_nk_rowscale"
+# CPU _weight_int8pack_mm: K step of its widest vector kernel, and the alignment its x loads need.
+CPU_INT8PACK_K_MULTIPLE = 16
+CPU_INT8PACK_X_ALIGN = 32
+
+
+def _cpu_k_reason(k: int) -> str | None:
+    if k % CPU_INT8PACK_K_MULTIPLE == 0:
+        return None
+    return (f"int8_weight_only/int8pack: the CPU kernel needs K % {CPU_INT8PACK_K_MULTIPLE} == 0 (its vector "
+            f"loop has no tail: other K give wrong results or crash), got K={k}")
 
 
 def quantize_int8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
@@ -87,6 +105,10 @@ class Int8WeightOnly(Candidate):
         if self.kernel == "int8pack":
             if device.type not in ("cpu", "cuda"):
                 return f"int8_weight_only/int8pack: torch has no _weight_int8pack_mm for {device.type}"
+            if device.type == "cpu":
+                reason = _cpu_k_reason(op.k)
+                if reason:
+                    return reason
             return cpu_scalar_only_reason("int8_weight_only/int8pack", device, dtype)
         reason = not_cuda_reason("int8_weight_only/triton", device)
         if reason:
@@ -99,6 +121,10 @@ class Int8WeightOnly(Candidate):
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
         if self.kernel == "int8pack":
+            q = packed["w_int8"]
+            reason = _cpu_k_reason(q.shape[1]) if q.device.type == "cpu" else None
+            if reason:
+                raise ValueError(reason)  # at build / load time, instead of a crash on the first call
             return scales_by_dtype(packed["w_scale"])
         return None
 
@@ -106,6 +132,8 @@ class Int8WeightOnly(Candidate):
         q, scale = packed["w_int8"], packed["w_scale"]
         if self.kernel == "int8pack":
             s = runtime[x.dtype] if runtime is not None and x.dtype in runtime else scale.to(x.dtype)
+            if not tracing() and x.data_ptr() % CPU_INT8PACK_X_ALIGN:
+                x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
             return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
         if self.kernel == "dequant":
             w = q.to(x.dtype) * scale.to(x.dtype)[:, None]

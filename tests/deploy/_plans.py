@@ -66,11 +66,13 @@ def dispatch_entry(small: Candidate, large: Candidate, threshold: int) -> dict[s
             "large": {"family": large.family, "params": large.params()}, "threshold": threshold}
 
 
-def mlp_with_plan(dtype: torch.dtype, threshold: int = 4, seed: int = 0) -> tuple[nn.Sequential, list[str]]:
-    """Sequential(Linear, GELU, Linear, GELU, ...): one layer per kernel of ``chain(dtype)`` then a
-    DispatchLinear; returns the model (plan applied) and a label per planned layer."""
+def mlp_with_plan(dtype: torch.dtype, threshold: int = 4, seed: int = 0,
+                  cands: list[Candidate] | None = None) -> tuple[nn.Sequential, list[str]]:
+    """Sequential(Linear, GELU, Linear, GELU, ...): one layer per kernel of `cands` (default
+    ``chain(dtype)``) then a DispatchLinear; returns the model (plan applied) and a label per
+    planned layer."""
     torch.manual_seed(seed)
-    cands = chain(dtype)
+    cands = chain(dtype) if cands is None else [c for c in cands if runs_here(c, dtype)]
     mods: list[nn.Module] = []
     for _ in range(len(cands) + 1):
         mods += [nn.Linear(WIDTH, WIDTH), nn.GELU()]

@@ -1,0 +1,230 @@
+"""Memory of a finalized model per scheme, its runtime (prepacked) copies, and peak RSS while tuning.
+
+1. For ``autoquant.demo.DemoMLP`` (hidden 512, 4 blocks; ``--llama`` for a tiny LlamaForCausalLM of
+   hidden 512 instead), every nn.Linear is planned onto one scheme (``autoquant.plan.apply_plan``;
+   a layer the kernel cannot run stays float) and the table gives parameter + buffer bytes (each
+   storage once) against the same model in float32 and in bf16, plus the RUNTIME bytes the
+   layers hold outside their buffers (prepacked fbgemm / oneDNN / CPU-int4 weights, per-dtype
+   scales): measured as the RSS growth of building one more copy of every layer's runtime state
+   (fbgemm's handles are opaque to Python; RSS sees them).
+2. Peak RSS while ``autoquant(model, x, cache=None)`` tunes the float32 model with the real CPU
+   timer (sampled every 2 ms by a thread), against the model's own size.
+
+    python benchmarks/bench_memory.py
+    python benchmarks/bench_memory.py --llama --skip-tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.candidates import (
+    Candidate,
+    FloatCandidate,
+    Fp8WeightOnly,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    QuantizedLinear,
+)
+from autoquant.candidates._cpu_ops import _BUILDERS
+from autoquant.keys import OpShape
+from autoquant.plan import PLAN_FORMAT, PLAN_VERSION, apply_plan
+
+MB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+BF16, F32 = torch.bfloat16, torch.float32
+
+SCHEMES: tuple[tuple[str, torch.dtype, Candidate | None], ...] = (
+    ("float32 (no plan)", F32, None),
+    ("bf16 (no plan)", BF16, None),
+    ("float/fbgemm_fp16 (fp32 model)", F32, FloatCandidate("fbgemm_fp16")),
+    ("float/onednn (fp32 model)", F32, FloatCandidate("onednn")),
+    ("int8_dynamic/fbgemm (fp32 model)", F32, Int8Dynamic("fbgemm")),
+    ("int8_dynamic/onednn (fp32 model)", F32, Int8Dynamic("onednn")),
+    ("int8_weight_only/int8pack (bf16 model)", BF16, Int8WeightOnly("int8pack")),
+    ("int4 tinygemm_cpu G32 (bf16 model)", BF16, Int4WeightOnly("tinygemm_cpu", 32)),
+    ("int4 tinygemm_cpu G64 (bf16 model)", BF16, Int4WeightOnly("tinygemm_cpu", 64)),
+    ("int4 tinygemm_cpu G128 (bf16 model)", BF16, Int4WeightOnly("tinygemm_cpu", 128)),
+    ("fp8_weight_only (bf16 model)", BF16, Fp8WeightOnly("dequant")),
+)
+# Which prepack-cache builder a kernel uses, and which of its buffers it reads.
+PREPACKS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("float", "onednn"): ("onednn", ("weight",)),
+    ("float", "fbgemm_fp16"): ("fbgemm_fp16", ("weight",)),
+    ("int8_dynamic", "fbgemm"): ("fbgemm_int8", ("w_int8", "w_scale")),
+    ("int8_dynamic", "onednn"): ("onednn_int8", ("w_int8", "w_scale")),
+    ("int4_weight_only", "tinygemm_cpu"): ("int4pack", ("w_int4",)),
+}
+
+
+# ---- measuring --------------------------------------------------------------------------------------
+def rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS, so RSS deltas see allocations, not allocator slack."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Parameter + buffer bytes, each storage once (tied weights count once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _rebuild_runtime(layer: QuantizedLinear) -> Any:
+    """One more copy of what `layer` keeps at run time beyond its buffers."""
+    cand = layer.candidate
+    prepack = PREPACKS.get((cand.family, cand.kernel))
+    if prepack is None:
+        return cand.prepare(layer.packed())
+    kind, names = prepack
+    return _BUILDERS[kind][0](*(getattr(layer, n) for n in names))
+
+
+def runtime_bytes(model: nn.Module) -> int:
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    _trim()
+    before = rss()
+    held = [_rebuild_runtime(m) for m in layers]
+    _trim()  # the builders' temporaries (e.g. int4 unpacked to int32) are gone: count what stays
+    after = rss()
+    del held
+    return after - before
+
+
+# ---- models -----------------------------------------------------------------------------------------
+def demo_mlp(dtype: torch.dtype) -> nn.Module:
+    from autoquant.demo import DemoMLP  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    return DemoMLP(hidden=512, blocks=4).to(dtype).eval()
+
+
+def tiny_llama(dtype: torch.dtype) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def planned(make: Callable[[torch.dtype], nn.Module], dtype: torch.dtype, cand: Candidate | None) -> nn.Module:
+    model = make(dtype)
+    if cand is None:
+        return model
+    layers = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        op = OpShape(16, mod.in_features, mod.out_features, mod.bias is not None, str(dtype).removeprefix("torch."))
+        reason = cand.supports(torch.device("cpu"), op)
+        if reason is None or "not worth timing" in reason:
+            layers[name] = {"kind": "candidate", "family": cand.family, "params": cand.params()}
+    apply_plan(model, {"format": PLAN_FORMAT, "version": PLAN_VERSION, "environment": None, "layers": layers})
+    return model
+
+
+# ---- peak RSS while tuning -----------------------------------------------------------------------------
+class PeakSampler:
+    """Samples RSS every `period` seconds on a thread; `peak` is the largest seen."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self.period, self.peak = period, rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(self.period)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def tune_peak(make: Callable[[torch.dtype], nn.Module], example: Callable[[], Any]) -> dict[str, float]:
+    from autoquant import autoquant  # noqa: PLC0415
+
+    model = make(F32)
+    x = example()
+    size = state_bytes(model)
+    _trim()
+    base = rss()
+    t0 = time.perf_counter()
+    with PeakSampler() as sampler, torch.no_grad():
+        autoquant(model, x, cache=None, progress=False)
+    seconds = time.perf_counter() - t0
+    _trim()
+    return {"model_mb": size / MB, "rss_before_mb": base / MB, "peak_mb": sampler.peak / MB,
+            "peak_over_start_mb": (sampler.peak - base) / MB, "after_mb": rss() / MB,
+            "final_state_mb": state_bytes(model) / MB, "tune_s": seconds}
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llama", action="store_true", help="tiny LlamaForCausalLM (hidden 512) instead of DemoMLP")
+    p.add_argument("--skip-tune", action="store_true", help="only the per-scheme table")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    make = tiny_llama if args.llama else demo_mlp
+    label = "tiny Llama (hidden 512, 4 layers)" if args.llama else "DemoMLP(hidden=512, blocks=4)"
+    f32 = state_bytes(make(F32))
+    bf16 = state_bytes(make(BF16))
+    print(f"{label}: float32 {f32 / MB:.2f} MiB, bf16 {bf16 / MB:.2f} MiB (parameters + buffers)")
+    print(f"{'scheme':42s} {'state MiB':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'runtime MiB':>12s} {'runtime/state':>14s}")
+    for name, dtype, cand in SCHEMES:
+        model = planned(make, dtype, cand)
+        sb = state_bytes(model)
+        rb = runtime_bytes(model)
+        print(f"{name:42s} {sb / MB:10.2f} {sb / f32:8.3f} {sb / bf16:8.3f} {rb / MB:12.2f} {rb / sb:14.3f}")
+        del model
+    if not args.skip_tune:
+        if args.llama:
+            def example() -> Any:
+                return torch.randint(0, 1024, (1, 16))
+        else:
+            def example() -> Any:
+                return torch.randn(16, 512)
+        r = tune_peak(make, example)
+        print(f"\ntuning the float32 model (autoquant, real CPU timer, cache=None) took {r['tune_s']:.0f} s")
+        print(f"  model {r['model_mb']:.2f} MiB; RSS before {r['rss_before_mb']:.1f} MiB, peak {r['peak_mb']:.1f} MiB "
+              f"(+{r['peak_over_start_mb']:.1f} MiB = {r['peak_over_start_mb'] / r['model_mb']:.2f}x the model), "
+              f"after finalize {r['after_mb']:.1f} MiB; finalized state {r['final_state_mb']:.2f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
