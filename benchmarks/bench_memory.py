@@ -10,6 +10,9 @@
 2. Peak RSS while ``autoquant(model, x, cache=None)`` tunes the float32 model with the real CPU
    timer (sampled every 2 ms by a thread), against the model's own size.
 
+RSS here is RssAnon (anonymous memory: heap, tensors), so that code pages of libtorch touched for
+the first time do not count as memory the model holds.
+
     python benchmarks/bench_memory.py
     python benchmarks/bench_memory.py --llama --skip-tune
 """
@@ -24,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +44,9 @@ from autoquant.candidates import (
 from autoquant.candidates._cpu_ops import _BUILDERS
 from autoquant.keys import OpShape
 from autoquant.plan import PLAN_FORMAT, PLAN_VERSION, apply_plan
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -71,7 +77,13 @@ PREPACKS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
 
 # ---- measuring --------------------------------------------------------------------------------------
 def rss() -> int:
-    with open("/proc/self/statm", encoding="ascii") as fh:
+    """Anonymous resident bytes (RssAnon): heap and tensors, without the file-backed code pages of
+    libtorch that the first call of each kernel library faults in (tens of MiB)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    with open("/proc/self/statm", encoding="ascii") as fh:  # no RssAnon (old kernels): all of RSS
         return int(fh.read().split()[1]) * PAGE
 
 
@@ -119,14 +131,14 @@ def runtime_bytes(model: nn.Module) -> int:
 
 # ---- models -----------------------------------------------------------------------------------------
 def demo_mlp(dtype: torch.dtype) -> nn.Module:
-    from autoquant.demo import DemoMLP  # noqa: PLC0415
+    from autoquant.demo import DemoMLP
 
     torch.manual_seed(0)
     return DemoMLP(hidden=512, blocks=4).to(dtype).eval()
 
 
 def tiny_llama(dtype: torch.dtype) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
@@ -164,7 +176,7 @@ class PeakSampler:
             self.peak = max(self.peak, rss())
             time.sleep(self.period)
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -175,7 +187,7 @@ class PeakSampler:
 
 
 def tune_peak(make: Callable[[torch.dtype], nn.Module], example: Callable[[], Any]) -> dict[str, float]:
-    from autoquant import autoquant  # noqa: PLC0415
+    from autoquant import autoquant
 
     model = make(F32)
     x = example()
@@ -204,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     f32 = state_bytes(make(F32))
     bf16 = state_bytes(make(BF16))
     print(f"{label}: float32 {f32 / MB:.2f} MiB, bf16 {bf16 / MB:.2f} MiB (parameters + buffers)")
-    print(f"{'scheme':42s} {'state MiB':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'runtime MiB':>12s} {'runtime/state':>14s}")
+    print(f"{'scheme':42s} {'state MiB':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'runtime MiB':>12s} "
+          f"{'runtime/state':>14s}")
     for name, dtype, cand in SCHEMES:
         model = planned(make, dtype, cand)
         sb = state_bytes(model)

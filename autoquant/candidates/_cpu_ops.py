@@ -87,7 +87,7 @@ class _Entry:
     can be reused. Other sources are also held by weak reference: a new tensor allocated where a
     dead one lived would otherwise match on pointer and version alone."""
 
-    __slots__ = ("handle", "ptr", "version", "others")
+    __slots__ = ("handle", "others", "ptr", "version")
 
     def __init__(self, handle: Any, sources: tuple[Tensor, ...]) -> None:
         self.handle = handle
@@ -122,13 +122,24 @@ class PrepackCache:
         return len(self._entries)
 
     def get(self, kind: str, sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
-        # Runs on every eager call of a prepacked kernel: kept to a few attribute reads.
+        # Runs on every eager call of a prepacked kernel, right after a large C++ kernel has
+        # evicted the interpreter's caches (each bytecode then costs 3-4x its warm time): kept to
+        # a few attribute reads, the common one- and two-source cases written out.
         anchor = sources[0]
         key = (kind, id(anchor))
         entry = self._entries.get(key)
-        if (entry is not None and entry.version == _version(anchor) and entry.ptr == anchor.data_ptr()
-                and (not entry.others and len(sources) == 1 or entry.others_match(sources[1:]))):
-            return entry.handle
+        if entry is not None and entry.version == _version(anchor) and entry.ptr == anchor.data_ptr():
+            others = entry.others
+            if len(sources) == 1:
+                if not others:
+                    return entry.handle
+            elif len(sources) == 2 and len(others) == 1:
+                ref, ptr, version = others[0]
+                t = sources[1]
+                if ref() is t and ptr == t.data_ptr() and version == _version(t):
+                    return entry.handle
+            elif entry.others_match(sources[1:]):
+                return entry.handle
         return self._insert(key, sources, build)
 
     def _insert(self, key: tuple[str, int], sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
@@ -172,11 +183,16 @@ def _tensor_bytes(t: Tensor) -> int:
 PREPACK_CACHE = PrepackCache()
 
 
+# Bound once: two attribute lookups fewer per call (dynamo knows the function, however it is named).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+
+
 def tracing() -> bool:
     """Whether this call is being traced (torch.compile, torch.export) or runs under a dispatch
     mode (fake tensors, ...): then the registered op must be called, not its Python body.
     ``is_compiling()`` comes first: dynamo folds it to True and never looks at the second test."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    return _is_compiling() or _dispatch_depth() > 0
 
 
 # ---- builders (what prepare() and a cache miss run) -----------------------------------------------
@@ -191,7 +207,7 @@ def _build_fbgemm_fp16(w: Tensor) -> Any:
 
 
 def _build_fbgemm_int8(w_int8: Tensor, w_scale: Tensor) -> Any:
-    import warnings  # noqa: PLC0415 - only on a (rare) build
+    import warnings
 
     with warnings.catch_warnings():
         # Quantized-tensor creation is deprecated in favour of torchao; it is the only way into

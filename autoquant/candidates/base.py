@@ -35,19 +35,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..keys import OpShape, canonical_json
 
-__all__ = ["Candidate", "QuantizedLinear", "register", "get_family", "families", "candidate_from_json"]
+__all__ = ["Candidate", "QuantizedLinear", "candidate_from_json", "families", "get_family", "register"]
 
-_REGISTRY: dict[str, type["Candidate"]] = {}
+_REGISTRY: dict[str, type[Candidate]] = {}
 
 
-def register(cls: type["Candidate"]) -> type["Candidate"]:
+def register(cls: type[Candidate]) -> type[Candidate]:
     """Class decorator: make a family findable by its `family` name."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} must be a frozen dataclass to be a candidate family")
@@ -57,17 +58,17 @@ def register(cls: type["Candidate"]) -> type["Candidate"]:
     return cls
 
 
-def get_family(name: str) -> type["Candidate"]:
+def get_family(name: str) -> type[Candidate]:
     if name not in _REGISTRY:
         raise KeyError(f"unknown candidate family {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
-def families() -> dict[str, type["Candidate"]]:
+def families() -> dict[str, type[Candidate]]:
     return dict(_REGISTRY)
 
 
-def candidate_from_json(family: str, params: str | dict) -> "Candidate":
+def candidate_from_json(family: str, params: str | dict) -> Candidate:
     """Rebuild a candidate from its family name and params (JSON text or dict), validating them."""
     cls = get_family(family)
     data = json.loads(params) if isinstance(params, str) else dict(params)
@@ -145,7 +146,7 @@ class Candidate(ABC):
         return None
 
     # ---- helpers built on the protocol ------------------------------------------------------
-    def build(self, weight: Tensor, bias: Tensor | None) -> "QuantizedLinear":
+    def build(self, weight: Tensor, bias: Tensor | None) -> QuantizedLinear:
         """The finalized layer for `weight` [N, K] (and `bias` [N] or None)."""
         with torch.no_grad():
             packed = self.quantize(weight.detach())
@@ -179,7 +180,9 @@ class QuantizedLinear(nn.Module):
         self._linear = candidate.linear if candidate.traceable else torch.compiler.disable(candidate.linear)
 
     def packed(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self._packed_names}
+        # Straight from _buffers: nn.Module.__getattr__ is a slow fallback path per name.
+        buffers = self._buffers
+        return {name: buffers[name] for name in self._packed_names}  # type: ignore[misc]
 
     def refresh_runtime(self) -> None:
         """Rebuild runtime-only state after buffers were replaced (load, `.to()`)."""

@@ -40,19 +40,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape, parse_dtype
+from ._cpu_ops import fbgemm_fp16_linear, onednn_linear, prepack
 from ._util import (
+    FLOAT_DTYPES,
     FLOAT_NAMES,
     add_bias,
     bad_dtype_reason,
     not_cpu_reason,
     op_dtype,
 )
-from ._cpu_ops import fbgemm_fp16_linear, onednn_linear, prepack
 from .base import Candidate, register
 
 __all__ = ["FloatCandidate"]
 
 KERNELS = ("aten", "onednn", "fbgemm_fp16")
+_COMPUTE_DTYPES = dict(zip(FLOAT_NAMES, FLOAT_DTYPES))
 
 
 def _mkldnn_supports(dtype: torch.dtype) -> bool:
@@ -109,7 +111,8 @@ class FloatCandidate(Candidate):
 
     # ---- helpers --------------------------------------------------------------------------------
     def _compute(self, x_dtype: torch.dtype) -> torch.dtype:
-        return x_dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype)
+        # A dict lookup, not parse_dtype: this runs on every call (__post_init__ checked the name).
+        return x_dtype if self.compute_dtype is None else _COMPUTE_DTYPES[self.compute_dtype]
 
     # ---- protocol -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:

@@ -47,6 +47,7 @@ from ..primitives import (
     swap_nibbles,
     unpack_int4_lo_first,
 )
+from ._cpu_ops import int4pack_mm, prepack
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -59,7 +60,6 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
-from ._cpu_ops import int4pack_mm, prepack
 from .base import Candidate, register
 
 __all__ = ["Int4WeightOnly"]

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import int8_act_per_token, uint8_act_per_tensor, uint8_act_per_token_offset
+from ._cpu_ops import fbgemm_int8_linear, onednn_qlinear, prepack
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -57,7 +58,6 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
-from ._cpu_ops import fbgemm_int8_linear, onednn_qlinear, prepack
 from .base import Candidate, register
 from .int8_weight_only import INT8_FORMAT, quantize_int8_nk_rowscale
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import int8_weight_per_channel
+from ._cpu_ops import tracing
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -51,7 +52,6 @@ from ._util import (
     scales_by_dtype,
     triton_op,
 )
-from ._cpu_ops import tracing
 from .base import Candidate, register
 
 __all__ = ["INT8_FORMAT", "Int8WeightOnly", "quantize_int8_nk_rowscale"]

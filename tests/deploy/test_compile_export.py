@@ -15,12 +15,18 @@ import pytest
 import torch
 from helpers import sqnr
 
-from autoquant.candidates import FloatCandidate, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantizedLinear
+from autoquant.candidates import (
+    FloatCandidate,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    QuantizedLinear,
+)
 from autoquant.candidates import _cpu_ops as ops
 from autoquant.finalize import DispatchLinear
 from autoquant.plan import apply_plan
 
-from ._plans import WIDTH, chain, entry, mlp_with_plan, plan
+from ._plans import WIDTH, chain, entry, mlp_with_plan, plan, runs_here
 
 DTYPES = (torch.float32, torch.bfloat16)
 DT_IDS = ("float32", "bfloat16")
@@ -49,8 +55,9 @@ def _custom_ops(ep: torch.export.ExportedProgram) -> set[str]:
 def test_every_cpu_kernel_is_in_the_mlps():
     """The MLPs below cover each CPU kernel family the issue lists (where it runs at all)."""
     names = {(c.family, c.kernel) for dt in DTYPES for c in chain(dt)}
-    assert {("float", "aten"), ("int8_dynamic", "fbgemm"), ("int8_dynamic", "onednn"), ("fp8_weight_only", "dequant"),
-            ("fp8_dynamic", "scaled_mm"), ("int8_weight_only", "int8pack"), ("int4_weight_only", "tinygemm_cpu")} <= names
+    assert {("float", "aten"), ("int8_dynamic", "fbgemm"), ("int8_dynamic", "onednn"),
+            ("fp8_weight_only", "dequant"), ("fp8_dynamic", "scaled_mm"), ("int8_weight_only", "int8pack"),
+            ("int4_weight_only", "tinygemm_cpu")} <= names
     if torch.backends.mkldnn.is_available():
         assert ("float", "onednn") in names and ("float", "fbgemm_fp16") in names
 
@@ -146,8 +153,7 @@ def test_tiny_llama_with_plan_traces_without_break_and_exports():
     layers = {}
     for i, name in enumerate(names):
         lin = model.get_submodule(name)
-        fitting = [c for c in cands if c.supports(torch.device("cpu"), _op(lin, dtype)) in (None,)
-                   or "not worth timing" in (c.supports(torch.device("cpu"), _op(lin, dtype)) or "")]
+        fitting = [c for c in cands if runs_here(c, dtype, lin.in_features, lin.out_features)]
         layers[name] = entry(fitting[i % len(fitting)])
     apply_plan(model, plan(layers))
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == len(names)
@@ -159,12 +165,6 @@ def test_tiny_llama_with_plan_traces_without_break_and_exports():
         got = ep.module()(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _custom_ops(ep)
-
-
-def _op(lin: torch.nn.Linear, dtype: torch.dtype):
-    from autoquant.keys import OpShape
-
-    return OpShape(16, lin.in_features, lin.out_features, lin.bias is not None, str(dtype).removeprefix("torch."))
 
 
 # ---- the ops themselves -----------------------------------------------------------------------------
