@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .bench import BenchConfig, Timer, default_timer
-from .candidates import Candidate, default_candidates, get_family
+from .candidates import Candidate, QuantizedLinear, default_candidates, get_family
 from .config import CostModel, TuneConfig
 from .finalize import build_layer, copy_hooks, replace_module, restore_float
 from .hardware import environment
@@ -355,12 +355,16 @@ def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], s
 
 
 def get_report(model: nn.Module) -> TuningReport:
-    """The full TuningReport object of a finalized model."""
-    rep = getattr(_root(model), _REPORT_ATTR, None)
+    """The full TuningReport object of a finalized model, with the shapes its layers met after
+    finalize that the warm run never showed (``unseen_after``) brought up to date."""
+    root = _root(model)
+    rep = getattr(root, _REPORT_ATTR, None)
     if rep is None:
-        if hasattr(_root(model), _SESSION_ATTR):
+        if hasattr(root, _SESSION_ATTR):
             raise RuntimeError("this model is still recording: call autoquant.finalize(model) first")
         raise RuntimeError("this model was not tuned by autoquant: call autoquant(model, example_input) first")
+    rep.unseen_after = {name: dict(mod.unseen_m) for name, mod in root.named_modules()
+                        if isinstance(mod, QuantizedLinear) and mod.unseen_m}
     return rep
 
 

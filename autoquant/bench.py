@@ -17,6 +17,7 @@ one :class:`~autoquant.keys.Measurement` per job. Timers are injectable: tests p
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -30,7 +31,8 @@ import torch
 from .keys import BenchKey, Measurement
 
 __all__ = ["BenchConfig", "BenchJob", "Timer", "CpuTimer", "CudaTimer", "FakeTimer", "CountingTimer", "time_callables",
-           "default_timer", "quantiles"]
+           "default_timer", "quantiles",
+           "last_level_cache_bytes"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,53 @@ class BenchConfig:
     cpu_threads: int | None = None  # None: torch's current thread count, held fixed while timing
     cuda_samples: int = 50
     l2_flush_mb: int = 256
+    # CPU: each candidate's calls cycle over copies of its weight state until the copies add up to
+    # this many bytes, so every call reads its weights from memory as it does inside a model whose
+    # other layers evict them (the CPU analogue of the L2 flush). None: twice the last-level
+    # cache; 0: one copy (hot caches).
+    cold_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.cuda_samples < 1:
             raise ValueError("BenchConfig needs rounds >= 1 and cuda_samples >= 1")
         if self.min_block_s <= 0:
             raise ValueError("BenchConfig.min_block_s must be > 0 seconds")
+        if self.cold_bytes is not None and self.cold_bytes < 0:
+            raise ValueError("BenchConfig.cold_bytes must be >= 0 (0: hot caches) or None (auto)")
+
+    def cold_target_bytes(self) -> int:
+        """Bytes of weight copies a CPU candidate cycles over (see `cold_bytes`)."""
+        if self.cold_bytes is not None:
+            return self.cold_bytes
+        return 2 * last_level_cache_bytes()
+
+
+_LLC_FALLBACK = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache from Linux sysfs (e.g. 32 MiB of L3); 32 MiB where unknown.
+    Read on first use, never at import."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return _LLC_FALLBACK
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(base, entry, "size"), encoding="ascii") as fh:
+                text = fh.read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or _LLC_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -62,6 +105,10 @@ class BenchJob:
 
 
 class Timer(Protocol):
+    """What the tuner needs from a harness. A timer may also define ``cold_bytes(device) -> int``:
+    how many bytes of weight copies each candidate's calls should cycle over (CpuTimer: twice the
+    last-level cache); without it, one hot copy is timed."""
+
     def quick(self, job: BenchJob, device: torch.device) -> float:
         """A rough seconds-per-call from a couple of calls, to screen out hopeless candidates."""
         ...
@@ -118,6 +165,9 @@ class CpuTimer:
 
     def __init__(self, config: BenchConfig | None = None) -> None:
         self.config = config or BenchConfig()
+
+    def cold_bytes(self, device: torch.device) -> int:
+        return self.config.cold_target_bytes() if device.type == "cpu" else 0
 
     def _calibrate(self, fn: Callable[[], Any]) -> int:
         cfg = self.config
@@ -284,6 +334,10 @@ class CountingTimer:
         self.calls = 0
         self.quick_calls = 0
         self.keys: list[BenchKey] = []
+
+    def cold_bytes(self, device: torch.device) -> int:
+        method = getattr(self.inner, "cold_bytes", None)
+        return int(method(device)) if callable(method) else 0
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
         self.quick_calls += 1

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .candidates import Candidate, QuantizedLinear
+from .candidates._cpu_ops import tracing as _tracing
 from .selection import Dispatch, LayerPlan, is_baseline
 from .subclass import AutoQuantizableLinearWeight
 
-__all__ = ["DispatchLinear", "build_layer", "restore_float", "replace_module"]
+__all__ = ["DispatchLinear", "build_layer", "label", "restore_float", "replace_module"]
 
 
 class DispatchLinear(QuantizedLinear):
@@ -28,8 +29,10 @@ class DispatchLinear(QuantizedLinear):
     """
 
     def __init__(self, dispatch: Dispatch, packed: dict[str, Tensor], bias: Tensor | None,
-                 in_features: int, out_features: int) -> None:
-        super().__init__(dispatch.small, packed, bias, in_features, out_features)
+                 in_features: int, out_features: int, *, act_dtype: torch.dtype | None = None,
+                 tuned_m: frozenset[int] | None = None, name: str = "") -> None:
+        super().__init__(dispatch.small, packed, bias, in_features, out_features, act_dtype=act_dtype,
+                         tuned_m=tuned_m, name=name)
         self.dispatch = dispatch
         self.threshold = dispatch.threshold
         self._large_runtime = dispatch.large.prepare(packed)
@@ -41,16 +44,25 @@ class DispatchLinear(QuantizedLinear):
         if hasattr(self, "dispatch"):
             self._large_runtime = self.dispatch.large.prepare(self.packed())
 
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+    def _make_eager(self) -> None:
+        return None  # two kernels switched on M: no single closure
+
+    def _kernel(self, x2: Tensor) -> Tensor:
+        buffers = self._buffers
         if x2.shape[0] < self.threshold:
-            y = self._linear(x2, self.packed(), self._runtime, self.bias)
-        else:
-            y = self._large_linear(x2, self.packed(), self._large_runtime, self.bias)
-        return y.reshape(*lead, self.out_features)
+            return self._linear(x2, buffers, self._runtime, buffers["bias"])
+        return self._large_linear(x2, buffers, self._large_runtime, buffers["bias"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.act_dtype and x.dim() == 2 and x.is_contiguous() and x.shape[1] == self.in_features:
+            m = x.shape[0]
+            if self.tuned_m and not _tracing() and m not in self.tuned_m:
+                self._note_unseen(m)
+            buffers = self._buffers
+            if m < self.threshold:
+                return self._linear(x, buffers, self._runtime, buffers["bias"])
+            return self._large_linear(x, buffers, self._large_runtime, buffers["bias"])
+        return self._general(x)
 
     def extra_repr(self) -> str:
         d = self.dispatch
@@ -76,15 +88,24 @@ def build_layer(plan: LayerPlan, linear: nn.Linear) -> nn.Module | None:
     """The module that replaces `linear` under `plan`, or None to keep the float nn.Linear."""
     weight = plain_weight(linear)
     bias = None if linear.bias is None else linear.bias.detach()
+    tuned_m = frozenset(op.m for op in plan.ops)
     if plan.dispatch is not None:
         with torch.no_grad():
             packed = plan.dispatch.small.quantize(weight)
         return DispatchLinear(plan.dispatch, packed, None if bias is None else bias.clone(),
-                              linear.in_features, linear.out_features)
+                              linear.in_features, linear.out_features, act_dtype=weight.dtype,
+                              tuned_m=tuned_m, name=plan.name)
     winner: Candidate | None = plan.winner
     if winner is None or is_baseline(winner):
         return None
-    return winner.build(weight, bias)
+    return label(winner.build(weight, bias), plan.name, tuned_m)
+
+
+def label(layer: QuantizedLinear, name: str, tuned_m: frozenset[int] | None) -> QuantizedLinear:
+    """Give a built layer its name (for messages) and the M values it was tuned on."""
+    layer.layer_name = name
+    layer.tuned_m = frozenset(tuned_m or ())
+    return layer
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from .candidates import Candidate, QuantizedLinear, candidate_from_json
-from .finalize import DispatchLinear, copy_hooks, plain_weight, replace_module
+from .finalize import DispatchLinear, copy_hooks, label, plain_weight, replace_module
 from .hardware import Environment, environment
+from .keys import dtype_name, parse_dtype
 from .selection import Dispatch, is_baseline
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "layer_from_plan"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "layer_from_plan", "layer_meta"]
 
 log = logging.getLogger("autoquant")
 
@@ -40,6 +41,22 @@ def _cand_json(c: Candidate) -> dict[str, Any]:
     return {"family": c.family, "params": c.params(), "version": c.version}
 
 
+def _layer_facts(mod: QuantizedLinear) -> dict[str, Any]:
+    """What a rebuilt layer needs besides its candidate: the activation dtype it was tuned for and
+    the M values it was tuned on (so shapes never seen stay flagged after save / load)."""
+    out: dict[str, Any] = {"tuned_m": sorted(mod.tuned_m)}
+    if mod.act_dtype is not None:
+        out["dtype"] = dtype_name(mod.act_dtype)
+    return out
+
+
+def layer_meta(entry: dict[str, Any], linear: nn.Linear) -> tuple[torch.dtype, frozenset[int]]:
+    """(activation dtype, tuned M values) of a plan entry; older plans fall back to the float
+    layer's dtype and no M values."""
+    dtype = parse_dtype(entry["dtype"]) if "dtype" in entry else linear.weight.dtype
+    return dtype, frozenset(int(m) for m in entry.get("tuned_m", ()))
+
+
 def plan_of(model: nn.Module) -> dict[str, Any]:
     """The plan a finalized (or plan-applied) model runs, as a JSON-able dict."""
     root = getattr(model, "_orig_mod", model)
@@ -49,9 +66,9 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
         if isinstance(mod, DispatchLinear):
             d = mod.dispatch
             layers[name] = {"kind": "dispatch", "small": _cand_json(d.small), "large": _cand_json(d.large),
-                            "threshold": d.threshold}
+                            "threshold": d.threshold, **_layer_facts(mod)}
         elif isinstance(mod, QuantizedLinear):
-            layers[name] = {"kind": "candidate", **_cand_json(mod.candidate)}
+            layers[name] = {"kind": "candidate", **_cand_json(mod.candidate), **_layer_facts(mod)}
         elif isinstance(mod, nn.Linear):
             layers[name] = {"kind": "float"}
         else:
@@ -115,13 +132,15 @@ def layer_from_plan(entry: dict[str, Any], linear: nn.Linear, where: str) -> nn.
     bias = None if linear.bias is None else linear.bias.detach()
     if entry["kind"] == "float":
         return None
+    dtype, tuned_m = layer_meta(entry, linear)
     if entry["kind"] == "candidate":
         cand = _candidate(entry, where)
-        return None if is_baseline(cand) else cand.build(weight, bias)
+        return None if is_baseline(cand) else label(cand.build(weight, bias), where, tuned_m)
     d = Dispatch(_candidate(entry["small"], where), _candidate(entry["large"], where), int(entry["threshold"]))
     with torch.no_grad():
         packed = d.small.quantize(weight)
-    return DispatchLinear(d, packed, None if bias is None else bias.clone(), linear.in_features, linear.out_features)
+    return DispatchLinear(d, packed, None if bias is None else bias.clone(), linear.in_features, linear.out_features,
+                          act_dtype=weight.dtype, tuned_m=tuned_m, name=where)
 
 
 def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:

@@ -2,8 +2,9 @@
 kernels, no database.
 
 ``TuningReport.to_frame()`` has one row per nn.Linear layer: status, recorded shapes and counts,
-winner and kernel, cost and baseline cost in microseconds, speedup, SQNR, and one column per
-candidate holding its cost in µs or the reason it has none. ``to_long_frame()`` has one row per
+winner and kernel, cost and baseline cost in microseconds, speedup, SQNR, ``unseen_after`` (row
+counts M the finalized layer has run on that the warm run never showed, with call counts), and one
+column per candidate holding its cost in µs or the reason it has none. ``to_long_frame()`` has one row per
 (layer, candidate).
 """
 
@@ -44,6 +45,13 @@ class TuningReport:
     cache: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # layer -> {M: calls} for row counts the layer met after finalize but was never tuned on
+    # (refreshed from the model by autoquant.report / get_report).
+    unseen_after: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def _unseen(self, name: str) -> str:
+        seen = self.unseen_after.get(name)
+        return "; ".join(f"M={m} x{n}" for m, n in sorted(seen.items())) if seen else ""
 
     # ---- per-layer view ---------------------------------------------------------------------
     def _winner_fields(self, plan: "LayerPlan") -> dict[str, Any]:
@@ -65,6 +73,7 @@ class TuningReport:
                 "cost_us": _us(plan.cost.value if plan.cost else None),
                 "baseline_us": _us(plan.baseline_cost.value if plan.baseline_cost else None),
                 "speedup": plan.speedup, "sqnr_db": math.nan if plan.sqnr_db is None else plan.sqnr_db,
+                "unseen_after": self._unseen(plan.name),
             }
             for r in plan.rows:
                 row[r.candidate.name] = round(_us(r.cost.value), 3) if r.cost is not None and r.reason is None else (r.reason or "")
@@ -72,7 +81,7 @@ class TuningReport:
         for name, why in self.skipped.items():
             rows.append({"layer": name, "status": f"skipped: {why}", "shapes": "", "calls": 0,
                          "winner": "float", "kernel": "aten (kept)", "params": "", "cost_us": math.nan,
-                         "baseline_us": math.nan, "speedup": math.nan, "sqnr_db": math.nan})
+                         "baseline_us": math.nan, "speedup": math.nan, "sqnr_db": math.nan, "unseen_after": ""})
         return pd.DataFrame(rows)
 
     def to_long_frame(self) -> pd.DataFrame:
@@ -103,7 +112,8 @@ class TuningReport:
         return self.summary_frame().to_html(index=False)
 
     def summary_frame(self) -> pd.DataFrame:
-        cols = ["layer", "status", "shapes", "winner", "kernel", "cost_us", "baseline_us", "speedup", "sqnr_db"]
+        cols = ["layer", "status", "shapes", "winner", "kernel", "cost_us", "baseline_us", "speedup", "sqnr_db",
+                "unseen_after"]
         return self.to_frame()[cols]
 
     # ---- one-paragraph summary --------------------------------------------------------------
@@ -122,6 +132,10 @@ class TuningReport:
         mode = self.cost_model.kind + (f"({self.cost_model.c})" if self.cost_model.kind == "interpolate" else "")
         text = (f"autoquant: {len(self.layers)} layers in {self.seconds:.1f}s on {envs}; cost model {mode}; "
                 f"chosen: {chosen or 'nothing'}; cache: {self.cache}")
+        if self.unseen_after:
+            text += (f"\n  note: {len(self.unseen_after)} layer(s) met row counts M after finalize that the warm run "
+                     "never showed (column 'unseen_after'); outputs are correct, but the kernels were chosen "
+                     "for other shapes: tune on representative inputs for the best choice")
         return text + "".join(f"\n  warning: {w}" for w in self.warnings)
 
     def plot(self, path: str) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .candidates import QuantizedLinear
 from .finalize import DispatchLinear, copy_hooks, replace_module
-from .plan import _candidate, load_plan, plan_of
+from .plan import _candidate, layer_meta, load_plan, plan_of
 from .selection import Dispatch, is_baseline
 
 __all__ = ["save", "load", "WEIGHTS_FILE", "PLAN_FILE"]
@@ -118,13 +118,16 @@ def _layer(entry: dict[str, Any], name: str, linear: nn.Linear, tensors: dict[st
     packed = {k[len(prefix):]: v for k, v in tensors.items()
               if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
     bias = tensors.get(prefix + "bias")
+    dtype, tuned_m = layer_meta(entry, linear)
     if entry["kind"] == "candidate":
         cand = _candidate(entry, name)
         if is_baseline(cand):
             return None
-        return QuantizedLinear(cand, packed, bias, linear.in_features, linear.out_features)
+        return QuantizedLinear(cand, packed, bias, linear.in_features, linear.out_features, act_dtype=dtype,
+                               tuned_m=tuned_m, name=name)
     d = Dispatch(_candidate(entry["small"], name), _candidate(entry["large"], name), int(entry["threshold"]))
-    return DispatchLinear(d, packed, bias, linear.in_features, linear.out_features)
+    return DispatchLinear(d, packed, bias, linear.in_features, linear.out_features, act_dtype=dtype,
+                          tuned_m=tuned_m, name=name)
 
 
 def load(model: nn.Module, directory: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .bench import BenchJob, Timer
-from .candidates import Candidate
+from .candidates import Candidate, QuantizedLinear
 from .config import TuneConfig
 from .costmodel import Cost, op_cost, timed_parts
 from .hardware import Environment, environment
@@ -128,24 +128,68 @@ def _cycling(fn: Callable[[Tensor], Tensor], xs: Sequence[Tensor]) -> Callable[[
     return lambda: fn(next(it))
 
 
+def _rotating(fns: Sequence[Callable[[Tensor], Tensor]], xs: Sequence[Tensor]) -> Callable[[], Tensor]:
+    """One call per invocation, cycling over weight copies (`fns`) and inputs (`xs`) together."""
+    if len(fns) == 1:
+        return _cycling(fns[0], xs)
+    pairs = itertools.cycle([(fns[i % len(fns)], xs[i % len(xs)]) for i in range(len(fns) * len(xs))])
+
+    def call() -> Tensor:
+        fn, x = next(pairs)
+        return fn(x)
+
+    return call
+
+
+_MAX_COPIES = 256
+
+
+def _cold_copies(module: QuantizedLinear, target_bytes: int) -> list[QuantizedLinear]:
+    """`module` plus clones of its weight state, enough that cycling over them reads about
+    `target_bytes` (beyond the CPU's last-level cache): inside a model, the other layers evict a
+    layer's weights between two of its calls, and timing one hot copy would favour big float
+    weights that fit in cache here but not there (measured: a 512x512 fp32 layer at M=1 ties
+    fbgemm int8 with hot caches and is 2x slower than it with cold ones)."""
+    if not isinstance(module, QuantizedLinear):
+        return [module]
+    state = sum(t.nbytes for t in module.buffers())
+    if target_bytes <= 0 or state <= 0 or state >= target_bytes:
+        return [module]
+    n = min(_MAX_COPIES, -(-target_bytes // state))
+    copies = [module]
+    for _ in range(n - 1):
+        packed = {name: t.clone() for name, t in module.packed().items()}
+        bias = None if module.bias is None else module.bias.clone()
+        copies.append(QuantizedLinear(module.candidate, packed, bias, module.in_features, module.out_features))
+    return copies
+
+
 def _jobs_for(
-    cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], module: torch.nn.Module,
+    cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], modules: Sequence[QuantizedLinear],
     xs: Sequence[Tensor],
 ) -> list[BenchJob]:
     jobs = []
     for part in parts:
         key = bench_key(env_hash, cand, op, part)
         if part is Timed.FULL:
-            fn = _cycling(module, xs)
+            fn = _rotating(modules, xs)
         elif part is Timed.RELU:
-            fn = _cycling(lambda x: torch.relu(module(torch.relu(x))), xs)
+            fn = _rotating([lambda x, m=m: torch.relu(m(torch.relu(x))) for m in modules], xs)
         else:
-            mm = cand.matmul_part(xs[0].contiguous(), module.packed(), module._runtime, module.bias)
-            if mm is None:
+            x0 = xs[0].contiguous()
+            mms = [cand.matmul_part(x0, m.packed(), m._runtime, m.bias) for m in modules]
+            if any(mm is None for mm in mms):
                 raise RuntimeError(f"{cand.name} is dynamic but gives no matmul part to time")
-            fn = mm
+            fn = _rotating([lambda _x, mm=mm: mm() for mm in mms], [x0])
         jobs.append(BenchJob(key, fn))
     return jobs
+
+
+def _cold_bytes(timer: Timer, device: torch.device) -> int:
+    """How many bytes of weight copies the timer wants each candidate to cycle over (0: hot).
+    Timers without the method (user-supplied ones) time hot."""
+    method = getattr(timer, "cold_bytes", None)
+    return int(method(device)) if callable(method) else 0
 
 
 def _check_output(module: torch.nn.Module, x: Tensor, op: OpShape) -> None:
@@ -178,6 +222,7 @@ def _bench_op(
 ) -> dict[BenchKey, Measurement]:
     """Build, check and time every candidate in `cands` on `op`; fills reasons into `trials`."""
     weight, bias, xs = _synthetic(op, device)
+    cold = _cold_bytes(timer, device)
     jobs: list[BenchJob] = []
     owners: dict[BenchKey, Candidate] = {}
     modules = []
@@ -187,12 +232,13 @@ def _bench_op(
             with torch.no_grad():
                 _check_output(module, xs[0], op)
             parts = timed_parts(config.cost_model, cand.dynamic_activation)
-            cand_jobs = _jobs_for(cand, op, env_hash, parts, module, xs)
+            copies = _cold_copies(module, cold)
+            cand_jobs = _jobs_for(cand, op, env_hash, parts, copies, xs)
         except Exception as exc:  # a failing candidate never takes tuning down
             trials[cand].reason = f"failed: {type(exc).__name__}: {exc}"
             log.info("%s on %s: %s", cand.name, op.label(), trials[cand].reason)
             continue
-        modules.append(module)
+        modules.append(copies)
         jobs.extend(cand_jobs)
         owners.update({j.key: cand for j in cand_jobs})
     jobs, deferred, rough = _screen(jobs, owners, device, timer, config)

@@ -88,17 +88,73 @@ def run_case(label: str, model: nn.Module, call, m: int, device, bench: BenchCon
     uniforms = {k: t for k, t in timed.items() if k.startswith("uniform")}
     best_uniform = min(uniforms, key=lambda k: uniforms[k].median_s)
     aq_t = timed["autoquant"]
-    chosen = report(tuned)["winner"].value_counts().to_dict()
+    rep = report(tuned)
+    chosen = (rep["winner"] + "/" + rep["kernel"]).value_counts().to_dict()
+    # The headline ratios again, paired: each round times both sides back to back (alternating
+    # order) and the ratio of the pair is taken, so drift and a neighbour's bursts cancel.
+    with torch.no_grad():
+        vs_best = paired_ratio(lambda: call(variants[best_uniform]), lambda: call(tuned), bench)
+        vs_fp32 = paired_ratio(lambda: call(base), lambda: call(tuned), bench)
+    same_plan = all(str(k) == best_uniform.removeprefix("uniform ") for k in _layer_kernels(tuned))
     print(f"\n== {label}, M={m}: autoquant tuned in {tune_s:.1f}s, chose {chosen}")
     print(f"{'variant':70s} {'ms':>9s} {'vs fp32':>8s} {'spread':>7s}")
     for name, t in sorted(timed.items(), key=lambda kv: kv[1].median_s):
         print(f"{name[:70]:70s} {t.median_s * 1e3:9.3f} {base_t / t.median_s:7.2f}x {t.spread * 100:6.1f}%")
     ratio_best = uniforms[best_uniform].median_s / aq_t.median_s
     print(f"autoquant vs fp32: {base_t / aq_t.median_s:.2f}x; vs best uniform ({best_uniform}): {ratio_best:.2f}x")
+    print(f"paired rounds: autoquant vs fp32 {vs_fp32[1]:.2f}x (IQR {vs_fp32[0]:.2f}-{vs_fp32[2]:.2f}); "
+          f"vs best uniform {vs_best[1]:.2f}x (IQR {vs_best[0]:.2f}-{vs_best[2]:.2f})"
+          + ("; autoquant's plan IS the best uniform scheme on every layer" if same_plan else ""))
     rows.append({"case": label, "m": m, "tune_s": round(tune_s, 2), "fp32_ms": base_t * 1e3,
                  "autoquant_ms": aq_t.median_s * 1e3, "speedup_vs_fp32": base_t / aq_t.median_s,
                  "best_uniform": best_uniform, "autoquant_vs_best_uniform": ratio_best,
-                 "noise": max(aq_t.spread, timed["fp32 baseline"].spread)})
+                 "paired_vs_fp32": vs_fp32[1], "paired_vs_best_uniform": vs_best[1],
+                 "paired_vs_best_uniform_iqr": [vs_best[0], vs_best[2]], "same_plan_as_best_uniform": same_plan,
+                 "chosen": chosen, "noise": max(aq_t.spread, timed["fp32 baseline"].spread)})
+
+
+def _layer_kernels(model: nn.Module) -> list[object]:
+    """The candidate each linear layer runs (a DispatchLinear gives its dispatch; float: 'float')."""
+    from autoquant.candidates import QuantizedLinear  # noqa: PLC0415
+
+    out: list[object] = []
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            out.append(getattr(mod, "dispatch", None) or mod.candidate.name)
+        elif isinstance(mod, nn.Linear):
+            out.append("float")
+    return out
+
+
+def paired_ratio(slow, fast, bench: BenchConfig, rounds: int = 41) -> tuple[float, float, float]:
+    """(p25, median, p75) over rounds of time(slow) / time(fast), each round one block of each,
+    back to back, in alternating order (gc paused)."""
+    import gc  # noqa: PLC0415
+
+    from autoquant.bench import fixed_threads, quantiles  # noqa: PLC0415
+
+    def block(fn, reps):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    with fixed_threads(bench.cpu_threads):
+        for fn in (slow, fast):
+            block(fn, 3)
+        reps = max(1, int(bench.min_block_s / max(block(fast, 3), 1e-9)))
+        ratios = []
+        gc.disable()
+        try:
+            for r in range(rounds):
+                if r % 2:
+                    a, b = block(slow, reps), block(fast, reps)
+                else:
+                    b, a = block(fast, reps), block(slow, reps)
+                ratios.append(a / b)
+        finally:
+            gc.enable()
+    return quantiles(ratios)
 
 
 def main(argv=None) -> int:
@@ -108,7 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    bench = BenchConfig(rounds=7 if args.quick else 15, min_block_s=10e-3 if args.quick else 30e-3)
+    bench = BenchConfig(rounds=7 if args.quick else 31, min_block_s=10e-3 if args.quick else 30e-3)
     hidden = 512 if args.quick else 1024
     rows: list[dict] = []
 

@@ -166,7 +166,7 @@ def _layer(case: Case, k: int, n: int) -> tuple[nn.Module, Candidate | None]:
         return lin, None
     if case.label.startswith("DispatchLinear"):
         d = Dispatch(case.candidate, Int8Dynamic("onednn"), 16)
-        return DispatchLinear(d, d.small.quantize(w), b, k, n), d.small
+        return DispatchLinear(d, d.small.quantize(w), b, k, n, act_dtype=case.dtype), d.small
     return case.candidate.build(w, b), case.candidate
 
 

@@ -372,3 +372,147 @@ def int4pack_mm(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size:
         return _int4pack_op(x, w_int4, scales_and_zeros, group_size)
     handle = PREPACK_CACHE.get("int4pack", (w_int4,), _build_int4)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, handle, group_size, scales_and_zeros)
+
+
+# ---- eager fast paths: one closure per finalized layer ---------------------------------------------
+# A finalized layer in eager mode calls one of these closures instead of going through
+# candidate.linear -> kernel helper -> op wrapper (each Python frame costs ~1-2 us right after a
+# large C++ kernel). The closure reads the layer's buffer dict at call time, so a buffer replaced
+# by load_state_dict(assign=True) is seen; the prepack cache still checks identity and version.
+# The caller guarantees: eager mode (not traced), x in the dtype the closure was made for; any
+# number of leading dims and any strides (the oneDNN and fbgemm ops fold them themselves; the int4
+# closure reshapes). The factories return None where the layer's dtypes do not line up exactly
+# (the generic path runs).
+def _on_cpu(*ts: Tensor | None) -> bool:
+    return all(t is None or t.device.type == "cpu" for t in ts)
+
+
+class _Memo:
+    """The last handle a layer's closure used, and the exact source tensors (identity, version,
+    data pointer) it was valid for: a hit costs a few attribute reads instead of a cache lookup.
+    A miss (new buffer, in-place write, ``.data`` swap, inference tensors) asks PREPACK_CACHE."""
+
+    __slots__ = ("handle", "sources", "stamp")
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.sources: tuple[Tensor, ...] = ()
+        self.stamp: tuple[int, ...] = ()
+
+    def refill(self, kind: str, sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
+        handle = PREPACK_CACHE.get(kind, sources, build)
+        try:
+            stamp = tuple(v for t in sources for v in (t._version, t.data_ptr()))
+        except RuntimeError:  # inference tensors have no version: always ask the cache
+            self.handle, self.sources, self.stamp = None, (), ()
+            return handle
+        self.handle, self.sources, self.stamp = handle, sources, stamp
+        return handle
+
+
+def eager_onednn_linear(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    w, b = buffers["weight"], buffers.get("bias")
+    if w.dtype != dtype or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
+        return None
+    op, memo = torch.ops.mkldnn._linear_pointwise.default, _Memo()
+
+    def run(x: Tensor) -> Tensor:
+        w = buffers["weight"]
+        src = memo.sources
+        if src and w is src[0] and memo.stamp == (w._version, w.data_ptr()):
+            h = memo.handle
+        else:
+            h = memo.refill("onednn", (w,), _build_onednn)
+        return op(x, h, buffers["bias"], "none", [], "")
+
+    return run
+
+
+def eager_fbgemm_fp16(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    w, b = buffers["weight"], buffers.get("bias")
+    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
+        return None
+    op, memo = torch.ops.quantized.linear_dynamic_fp16.default, _Memo()
+
+    def run(x: Tensor) -> Tensor:
+        w = buffers["weight"]
+        src = memo.sources
+        if src and w is src[0] and memo.stamp == (w._version, w.data_ptr()):
+            h = memo.handle
+        else:
+            h = memo.refill("fbgemm_fp16", (w,), _build_fbgemm_fp16)
+        y = op(x, h)
+        bias = buffers["bias"]
+        return y if bias is None else y.add_(bias)
+
+    return run
+
+
+def eager_fbgemm_int8(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
+    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
+        return None
+    op, memo = torch.ops.quantized.linear_dynamic.default, _Memo()
+
+    def run(x: Tensor) -> Tensor:
+        w, s = buffers["w_int8"], buffers["w_scale"]
+        src = memo.sources
+        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version, s.data_ptr()):
+            h = memo.handle
+        else:
+            h = memo.refill("fbgemm_int8", (w, s), _build_fbgemm_int8)
+        y = op(x, h, True)
+        bias = buffers["bias"]
+        return y if bias is None else y.add_(bias)
+
+    return run
+
+
+def eager_int4pack(buffers: dict[str, Tensor], dtype: torch.dtype, group_size: int) -> Callable[[Tensor], Tensor] | None:
+    w, sz, b = buffers["w_int4"], buffers["scales_and_zeros"], buffers.get("bias")
+    if sz.dtype != dtype or (b is not None and b.dtype != dtype) or not _on_cpu(w, sz, b):
+        return None
+    op, memo = torch.ops.aten._weight_int4pack_mm_for_cpu.default, _Memo()
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() != 2 or not x.is_contiguous():
+            y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        w = buffers["w_int4"]
+        src = memo.sources
+        if src and w is src[0] and memo.stamp == (w._version, w.data_ptr()):
+            h = memo.handle
+        else:
+            h = memo.refill("int4pack", (w,), _build_int4)
+        y = op(x, h, group_size, buffers["scales_and_zeros"])
+        bias = buffers["bias"]
+        return y if bias is None else y.add_(bias)
+
+    return run
+
+
+def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, quantize_x: Callable[[Tensor], tuple[Tensor, Tensor]],
+                      x_zero_point: int) -> Callable[[Tensor], Tensor] | None:
+    """oneDNN int8: `quantize_x` gives per-token uint8 codes (offset by `x_zero_point`) and scales;
+    the kernel returns float32 ``acc * w_scale``; then ``* x_scale + bias`` (as int8_dynamic does)."""
+    w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
+    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
+        return None
+    op, memo = torch.ops.onednn.qlinear_pointwise.default, _Memo()
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() != 2 or not x.is_contiguous():
+            y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
+            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        w, s = buffers["w_int8"], buffers["w_scale"]
+        src = memo.sources
+        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version, s.data_ptr()):
+            h = memo.handle
+        else:
+            h = memo.refill("onednn_int8", (w, s), _build_onednn_int8)
+        xq, xs = quantize_x(x)
+        y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, torch.float32, "none", [], "").mul_(xs[:, None])
+        bias = buffers["bias"]
+        return y if bias is None else y.add_(bias)
+
+    return run

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -42,6 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from ..keys import OpShape, canonical_json
+from ._cpu_ops import tracing as _tracing
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
 
 __all__ = ["Candidate", "QuantizedLinear", "candidate_from_json", "families", "get_family", "register"]
 
@@ -145,13 +150,22 @@ class Candidate(ABC):
     ) -> Callable[[], Tensor] | None:
         return None
 
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        """Optional eager-mode fast path of a finalized layer: a closure ``f(x) -> y`` over the
+        layer's buffer dict (read at call time; bias under "bias") for an `x` of `dtype` with any
+        number of leading dims and any strides, computing exactly what ``linear`` does on the
+        folded 2-D input with fewer Python frames. None: the layer calls ``linear``. Never used
+        while traced. If it raises, the layer's generic path runs instead."""
+        return None
+
     # ---- helpers built on the protocol ------------------------------------------------------
     def build(self, weight: Tensor, bias: Tensor | None) -> QuantizedLinear:
         """The finalized layer for `weight` [N, K] (and `bias` [N] or None)."""
         with torch.no_grad():
             packed = self.quantize(weight.detach())
         b = None if bias is None else bias.detach().clone()
-        return QuantizedLinear(self, packed, b, in_features=weight.shape[1], out_features=weight.shape[0])
+        return QuantizedLinear(self, packed, b, in_features=weight.shape[1], out_features=weight.shape[0],
+                               act_dtype=weight.dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -162,22 +176,45 @@ class QuantizedLinear(nn.Module):
     Runtime state is rebuilt after ``.to()`` / ``_apply`` and after ``load_state_dict`` (in place
     or ``assign=True``); prepacked handles keyed by the weight tensor notice in-place writes on
     their own.
+
+    ``act_dtype`` is the activation dtype the layer was tuned and built for. The packed buffers
+    keep their dtypes through ``model.to(dtype)`` (a float32 scale squeezed into bfloat16 would
+    lose accuracy for nothing); an input of another float dtype is computed in ``act_dtype`` and
+    cast back, with one warning per dtype pair naming the layer and what to do.
+
+    ``tuned_m`` holds the row counts M the layer was tuned on; other M values seen in eager
+    calls after finalize are counted in ``unseen_m`` (M -> calls) and flagged by
+    ``autoquant.report``. Not counted while traced (torch.compile, torch.export).
     """
 
     def __init__(
         self, candidate: Candidate, packed: dict[str, Tensor], bias: Tensor | None,
-        in_features: int, out_features: int,
+        in_features: int, out_features: int, *, act_dtype: torch.dtype | None = None,
+        tuned_m: frozenset[int] | None = None, name: str = "",
     ) -> None:
         super().__init__()
         self.candidate = candidate
         self.in_features = in_features
         self.out_features = out_features
         self._packed_names = tuple(sorted(packed))
-        for name in self._packed_names:
-            self.register_buffer(name, packed[name])
+        for pname in self._packed_names:
+            self.register_buffer(pname, packed[pname])
         self.register_buffer("bias", bias)
+        self.act_dtype = act_dtype
+        self.layer_name = name
+        self.tuned_m: frozenset[int] = frozenset(tuned_m or ())
+        self.unseen_m: dict[int, int] = {}
         self._runtime = candidate.prepare(packed)
         self._linear = candidate.linear if candidate.traceable else torch.compiler.disable(candidate.linear)
+        self._eager = self._make_eager()
+
+    def _make_eager(self) -> Callable[[Tensor], Tensor] | None:
+        if self.act_dtype is None:
+            return None
+        try:
+            return self.candidate.eager(self._buffers, self._runtime, self.act_dtype)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - an optional shortcut: the generic path always works
+            return None
 
     def packed(self) -> dict[str, Tensor]:
         # Straight from _buffers: nn.Module.__getattr__ is a slow fallback path per name.
@@ -187,9 +224,18 @@ class QuantizedLinear(nn.Module):
     def refresh_runtime(self) -> None:
         """Rebuild runtime-only state after buffers were replaced (load, `.to()`)."""
         self._runtime = self.candidate.prepare(self.packed())
+        self._eager = self._make_eager()
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        out = super()._apply(fn, recurse)
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            if out.dtype != t.dtype and t.is_floating_point():
+                # A dtype cast (model.half(), .to(bfloat16)): move, but keep the packed dtype.
+                _note_cast(self, out.dtype)
+                return t.to(device=out.device)
+            return out
+
+        out = super()._apply(keep_dtype, recurse)
         self.refresh_runtime()
         return out
 
@@ -197,22 +243,98 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.refresh_runtime()  # runtime copies (e.g. per-dtype scales) follow the loaded values
 
+    def _kernel(self, x2: Tensor) -> Tensor:
+        """The layer's kernel on a 2-D contiguous activation (overridden by DispatchLinear)."""
+        if self._eager is not None and x2.dtype == self.act_dtype and not _tracing():
+            return self._eager(x2)
+        buffers = self._buffers
+        return self._linear(x2, buffers, self._runtime, buffers["bias"])
+
     def forward(self, x: Tensor) -> Tensor:
+        # Eager fast path: one closure over the buffers (any rank and strides), when the kernel
+        # has one and x has the tuned dtype. Every Python step here costs ~1 us (it runs right
+        # after a large C++ kernel has evicted the interpreter's caches), so it is kept short.
+        fast = self._eager
+        if fast is not None and x.dtype is self.act_dtype and not (_is_compiling() or _dispatch_depth()):
+            try:
+                y = fast(x)
+            except Exception:  # noqa: BLE001 - the generic path says what is wrong, or runs it
+                return self._general(x)
+            if self.tuned_m:
+                m = x.numel() // self.in_features
+                if m not in self.tuned_m:
+                    self._note_unseen(m)
+            return y
+        # [M, K] contiguous in the tuned dtype: the kernel directly. The buffer dict itself is
+        # the packed state (plus "bias"): no dict built per call.
+        if x.dtype == self.act_dtype and x.dim() == 2 and x.is_contiguous() and x.shape[1] == self.in_features:
+            if self.tuned_m and not _tracing() and x.shape[0] not in self.tuned_m:
+                self._note_unseen(x.shape[0])
+            buffers = self._buffers
+            return self._linear(x, buffers, self._runtime, buffers["bias"])
+        return self._general(x)
+
+    def _general(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"{self.candidate.name}: input has {x.shape[-1]} features, layer expects {self.in_features}"
+                f"{self._who()}: input has {x.shape[-1]} features (shape {tuple(x.shape)}), the layer "
+                f"expects {self.in_features}"
             )
-        # The buffer dict itself is the packed state (plus "bias"): no dict built per call.
-        buffers = self._buffers
-        if x.dim() == 2:  # already [M, K]: skip two reshapes (~1 us each in eager mode)
-            return self._linear(x if x.is_contiguous() else x.contiguous(), buffers, self._runtime,
-                                buffers["bias"])
+        if self.act_dtype is not None and x.dtype != self.act_dtype:
+            if not x.is_floating_point():
+                raise TypeError(
+                    f"{self._who()}: got a {x.dtype} input; a linear layer needs floating-point "
+                    f"activations ({self.act_dtype} here)"
+                )
+            _warn_dtype(self, x.dtype)
+            return self.forward(x.to(self.act_dtype)).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = self._linear(x2, buffers, self._runtime, buffers["bias"])
+        if self.tuned_m and not _tracing() and x2.shape[0] not in self.tuned_m:
+            self._note_unseen(x2.shape[0])
+        y = self._kernel(x2)
         return y.reshape(*lead, self.out_features)
+
+    def _note_unseen(self, m: int) -> None:
+        m = int(m)
+        if not self.unseen_m:
+            log.info("%s: M=%d rows was never seen in the warm run (tuned for M in %s); running %s "
+                     "anyway, flagged in autoquant.report", self._who(), m, sorted(self.tuned_m),
+                     self.candidate.name)
+        self.unseen_m[m] = self.unseen_m.get(m, 0) + 1
+
+    def _who(self) -> str:
+        return f"layer {self.layer_name!r} ({self.candidate.name})" if self.layer_name else self.candidate.name
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.candidate.name}"
+
+
+log = logging.getLogger("autoquant")
+_WARNED_DTYPES: set[tuple[Any, Any]] = set()
+
+
+def _warn_dtype(layer: QuantizedLinear, got: torch.dtype) -> None:
+    pair = (layer.act_dtype, got)
+    if pair in _WARNED_DTYPES:
+        return
+    _WARNED_DTYPES.add(pair)
+    log.warning(
+        "%s was tuned for %s activations and got %s: computing in %s and casting the output back "
+        "(correct, but its kernels were chosen for %s). To tune for %s, run autoquant on the model "
+        "in that dtype; to silence this, feed %s inputs. (Warned once per dtype pair.)",
+        layer._who(), layer.act_dtype, got, layer.act_dtype, layer.act_dtype, got, layer.act_dtype)
+
+
+def _note_cast(layer: QuantizedLinear, to: torch.dtype) -> None:
+    pair = ("cast", to)
+    if pair in _WARNED_DTYPES:
+        return
+    _WARNED_DTYPES.add(pair)
+    log.warning(
+        "model cast to %s after autoquant finalized it: quantized layers (e.g. %s) keep their packed "
+        "weights and compute in the dtype they were tuned for (%s), casting activations in and out. "
+        "For kernels chosen for %s, run autoquant on the model cast first.",
+        to, layer._who(), layer.act_dtype, to)

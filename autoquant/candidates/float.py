@@ -33,6 +33,7 @@ cast back. A bf16 model on a CPU without bf16 units runs much faster with comput
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape, parse_dtype
-from ._cpu_ops import fbgemm_fp16_linear, onednn_linear, prepack
+from ._cpu_ops import eager_fbgemm_fp16, eager_onednn_linear, fbgemm_fp16_linear, onednn_linear, prepack
 from ._util import (
     FLOAT_DTYPES,
     FLOAT_NAMES,
@@ -165,6 +166,15 @@ class FloatCandidate(Candidate):
             else:
                 y = onednn_linear(xc, w, b)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        if self._compute(dtype) != dtype:
+            return None  # a cast around the kernel: the generic path
+        if self.kernel == "onednn":
+            return eager_onednn_linear(buffers, dtype)
+        if self.kernel == "fbgemm_fp16":
+            return eager_fbgemm_fp16(buffers, dtype)
+        return None
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         cd = self._compute(x.dtype)

@@ -34,6 +34,7 @@ Kernels:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -47,7 +48,7 @@ from ..primitives import (
     swap_nibbles,
     unpack_int4_lo_first,
 )
-from ._cpu_ops import int4pack_mm, prepack
+from ._cpu_ops import eager_int4pack, int4pack_mm, prepack
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -173,6 +174,9 @@ class Int4WeightOnly(Candidate):
             return fn(x, packed["w_int4"], runtime["scales"], runtime["zeros"], g, bias)
         sz = runtime["sz"] if runtime["sz"].dtype == x.dtype else runtime["sz"].to(x.dtype)
         return add_bias(torch.ops.aten._weight_int4pack_mm(x, runtime["w"], g, sz), bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_int4pack(buffers, dtype, self.group_size) if self.kernel == "tinygemm_cpu" else None
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         q = unpack_int4_lo_first(packed["w_int4"]).float()

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import int8_act_per_token, uint8_act_per_tensor, uint8_act_per_token_offset
-from ._cpu_ops import fbgemm_int8_linear, onednn_qlinear, prepack
+from ._cpu_ops import eager_fbgemm_int8, eager_onednn_int8, fbgemm_int8_linear, onednn_qlinear, prepack
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -192,6 +192,14 @@ class Int8Dynamic(Candidate):
             return fn(x, packed["w_int8"], packed["w_scale"], bias)
         xq, xs = self._quantize_x(x)
         return self._matmul(xq, xs, packed, runtime, bias, x.dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        if self.kernel == "fbgemm":
+            return eager_fbgemm_int8(buffers, dtype)
+        if self.kernel == "onednn":
+            return eager_onednn_int8(buffers, dtype, lambda x: uint8_act_per_token_offset(x, ONEDNN_ACT_QMAX, ONEDNN_ZP),
+                                     ONEDNN_ZP)
+        return None
 
     def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
                     bias: Tensor | None) -> Callable[[], Tensor] | None:

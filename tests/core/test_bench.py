@@ -95,3 +95,46 @@ def test_cuda_timer_graph_replay():
     big_m, small_m = timer.measure([BenchJob(key("big"), lambda: a @ a), BenchJob(key("small"), lambda: small @ small)],
                                    torch.device("cuda"))
     assert big_m.samples == 10 and big_m.median_s > small_m.median_s > 0
+
+
+def test_cold_target_follows_the_last_level_cache():
+    from autoquant.bench import last_level_cache_bytes
+
+    llc = last_level_cache_bytes()
+    assert llc >= 1 << 20  # sysfs or the 32 MiB fallback: never zero
+    assert BenchConfig().cold_target_bytes() == 2 * llc
+    assert BenchConfig(cold_bytes=0).cold_target_bytes() == 0
+    assert CpuTimer(BenchConfig(cold_bytes=123)).cold_bytes(torch.device("cpu")) == 123
+    assert CountingTimer(CpuTimer(BenchConfig(cold_bytes=5))).cold_bytes(torch.device("cpu")) == 5
+    assert CountingTimer(FakeTimer(lambda k: 1.0)).cold_bytes(torch.device("cpu")) == 0
+    with pytest.raises(ValueError, match="cold_bytes"):
+        BenchConfig(cold_bytes=-1)
+
+
+def test_cold_copies_cycle_over_distinct_weights_with_equal_outputs():
+    """Each timed call of a candidate reads a different copy of its weights (so they come from
+    memory, not cache); the copies compute exactly what the original does."""
+    from autoquant.candidates import get_family
+    from autoquant.tune import _cold_copies, _jobs_for
+
+    torch.manual_seed(0)
+    cand = get_family("int8_dynamic")(kernel="fbgemm")
+    layer = cand.build(torch.randn(48, 64), torch.randn(48))
+    state = sum(t.nbytes for t in layer.buffers())
+    copies = _cold_copies(layer, 5 * state)
+    assert len(copies) == 5 and copies[0] is layer
+    assert len({c.w_int8.data_ptr() for c in copies}) == 5
+    x = torch.randn(3, 64)
+    for c in copies:
+        assert torch.equal(c(x), layer(x))
+    assert _cold_copies(layer, 0) == [layer]
+    assert _cold_copies(layer, state) == [layer]
+
+    seen = []
+    for c in copies:
+        c.register_forward_hook(lambda mod, args, out: seen.append(mod))
+    op = OpShape(3, 64, 48, True, "float32")
+    [job] = _jobs_for(cand, op, "env", [Timed.FULL], copies, [x])
+    for _ in range(10):
+        job.fn()
+    assert [id(m) for m in seen] == [id(copies[i % 5]) for i in range(10)]

@@ -149,3 +149,85 @@ def test_cache_disk_full_mid_run_finishes_in_memory(tmp_path, caplog):
     assert any("continuing in memory" in w for w in rep.warnings), rep.warnings
     assert "full" in " ".join(rep.warnings).lower()
     assert all(isinstance(m, QuantizedLinear) for m in model)
+
+
+@pytest.fixture
+def fresh_dtype_warnings():
+    from autoquant.candidates import base
+
+    base._WARNED_DTYPES.clear()
+    yield
+    base._WARNED_DTYPES.clear()
+
+
+def test_dtype_change_after_finalize(caplog, fresh_dtype_warnings):
+    """bf16 inputs to a layer tuned in fp32 are computed in fp32 and cast back, with ONE clear
+    warning; model.to(bf16) keeps the packed weights' dtypes; a non-float input is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    x = torch.randn(4, 32)
+    run(model, x)
+    layer = model[0]
+    assert isinstance(layer, QuantizedLinear) and layer.act_dtype == torch.float32
+    ref = model(x)
+    with caplog.at_level(logging.WARNING, logger="autoquant"):
+        y = model(x.to(torch.bfloat16))
+        model(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)
+    msgs = [r.getMessage() for r in caplog.records if "was tuned for" in r.getMessage()]
+    assert len(msgs) == 1, msgs  # once per dtype pair, not once per layer or call
+    assert "torch.float32" in msgs[0] and "torch.bfloat16" in msgs[0] and "layer '0'" in msgs[0]
+
+    scales = {n: b.dtype for n, b in layer.named_buffers()}
+    with caplog.at_level(logging.WARNING, logger="autoquant"):
+        model.to(torch.bfloat16)
+    assert {n: b.dtype for n, b in layer.named_buffers()} == scales  # w_scale stays float32
+    assert "model cast to torch.bfloat16 after autoquant finalized it" in caplog.text
+    y2 = model(x.to(torch.bfloat16))
+    assert y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y2.float(), ref, atol=0.05, rtol=0.05)
+    model.float()
+    torch.testing.assert_close(model(x), ref, atol=0, rtol=0)  # nothing was lost on the way
+
+    with pytest.raises(TypeError, match="needs floating-point activations"):
+        layer(torch.ones(4, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="input has 31 features"):
+        layer(torch.randn(4, 31))
+
+
+def test_unseen_shapes_after_finalize_are_flagged_in_report(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    run(model, torch.randn(4, 32))
+    assert model[0].tuned_m == frozenset({4})
+    model(torch.randn(4, 32))  # tuned shape: not flagged
+    assert aq.report(model)["unseen_after"].tolist() == ["", ""]
+    model(torch.randn(77, 32))
+    model(torch.randn(77, 32))
+    model(torch.randn(2, 3, 32))  # 3-D: M = 6 rows
+    df = aq.report(model).set_index("layer")
+    assert df.loc["0", "unseen_after"] == "M=6 x1; M=77 x2"
+    assert df.loc["2", "unseen_after"] == "M=6 x1; M=77 x2"
+    assert "unseen_after" in aq.get_report(model).to_markdown()
+    assert "never showed" in aq.get_report(model).summary()
+
+    # The tuned M values travel with a saved model: a reloaded one flags the same way.
+    aq.save(model, tmp_path / "m")
+    fresh = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    aq.load(fresh, tmp_path / "m")
+    assert fresh[0].tuned_m == frozenset({4}) and fresh[0].act_dtype == torch.float32
+    fresh(torch.randn(4, 32))
+    assert not fresh[0].unseen_m
+    fresh(torch.randn(9, 32))
+    assert fresh[0].unseen_m == {9: 1}
+
+
+def test_unseen_shapes_not_counted_under_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    run(model, torch.randn(4, 32))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(13, 32)
+    torch.testing.assert_close(compiled(x), model[0](x), atol=1e-5, rtol=1e-5)
+    assert model[0].unseen_m == {13: 1}  # the eager reference call counts; the compiled one does not
