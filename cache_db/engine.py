@@ -236,7 +236,11 @@ def run_transaction(engine: Engine, location: str, fn: Callable[[Connection], T]
                 delay = min(delay * 2, 1.0)
                 continue
             if _fatal(err):
-                if engine.dialect.name == "sqlite":
+                if _transient(err):  # still locked when the retry budget ran out
+                    remedy = (f"Another process has held a lock on it for over {RETRY_BUDGET_S:.0f} s (a long "
+                              f"transaction or a stuck writer): find it (e.g. `fuser` on the file) and end it, "
+                              f"{_ELSEWHERE}.")
+                elif engine.dialect.name == "sqlite":
                     remedy = ("If the file is damaged, move it aside (a fresh cache is then "
                               f"created), {_ELSEWHERE}; autoquant never deletes it.")
                 else:

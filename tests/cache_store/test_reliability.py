@@ -249,3 +249,84 @@ def test_open_store_or_memory_falls_back_with_the_reason(tmp_path: Path, caplog)
 def test_unreachable_server_is_unavailable_not_a_crash() -> None:
     with pytest.raises(CacheUnavailableError, match=r"\*\*\*"):
         open_store("postgresql+psycopg://u:secret@127.0.0.1:9/db")  # port 9: nothing listens
+
+
+def _tuned_model_with(cache, cost, caplog):
+    """A 6-layer MLP (6 distinct ops) tuned against `cache` with a fake timer `cost(key)`."""
+    import torch
+    from torch import nn
+
+    import autoquant as aq
+    from autoquant import FakeTimer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64 + 16 * i, 64 + 16 * (i + 1)) for i in range(6)])
+    x = torch.randn(3, 64)
+    ref = model(x)
+    with caplog.at_level(logging.WARNING, logger="autoquant"):
+        aq.autoquant(model, x, cache=cache, timer=FakeTimer(cost), progress=False)
+    torch.testing.assert_close(model(x), ref, atol=0.1, rtol=0.1)
+    return model, aq.get_report(model)
+
+
+def _int8_cheap(k) -> float:
+    return 1e-6 if k.candidate == "int8_dynamic" and '"fbgemm"' in k.params else 1e-3
+
+
+@pytest.mark.postgres
+def test_postgres_down_mid_run_tuning_finishes_in_memory(caplog) -> None:
+    """A real server, stopped (pg_ctl stop -m fast) after the first op's figures are written: the
+    remaining ops are tuned and kept in memory, the report says so, nothing raises."""
+    from autoquant.cache_db.pgserver import find_pg_bin, start_postgres
+    from autoquant.candidates import QuantizedLinear
+
+    from .conftest import _no_server
+
+    if find_pg_bin() is None:
+        _no_server("no PostgreSQL server binaries")
+    server = start_postgres(fsync=False)
+    try:
+        server.create_database("aq_down")
+        store = SQLStore(server.url("aq_down"))
+        first_op = []
+
+        def cost(k) -> float:
+            if not first_op:
+                first_op.append(k.op)
+            elif k.op != first_op[0] and not server._stopped:
+                server.stop()  # the first op's measurements are committed; the server goes away
+            return _int8_cheap(k)
+
+        started = time.monotonic()
+        model, rep = _tuned_model_with(store, cost, caplog)
+        assert server._stopped
+        assert time.monotonic() - started < 60  # a dead server is not retried like a lock
+        assert any("continuing in memory" in w for w in rep.warnings), rep.warnings
+        assert "failed" in rep.cache
+        assert all(isinstance(m, QuantizedLinear) for m in model)
+        assert "continuing in memory" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_sqlite_locked_for_long_tuning_finishes_in_memory(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Another process holds the write lock for the whole run: reads still work (WAL), writes give
+    up after the retry budget, and tuning finishes in memory and says so; the file is intact."""
+    from autoquant.cache_db import engine
+    from autoquant.candidates import QuantizedLinear
+
+    monkeypatch.setattr(engine, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(engine, "RETRY_BUDGET_S", 1.0)
+    path = tmp_path / "locked.sqlite"
+    store = SQLStore(path)  # opened (schema made) before the lock is taken
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        model, rep = _tuned_model_with(store, _int8_cheap, caplog)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert any("continuing in memory" in w and "locked" in w for w in rep.warnings), rep.warnings
+    assert any("Another process" in w and "damaged" not in w for w in rep.warnings), rep.warnings
+    assert all(isinstance(m, QuantizedLinear) for m in model)
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
