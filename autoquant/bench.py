@@ -32,7 +32,7 @@ from .keys import BenchKey, Measurement
 
 __all__ = ["BenchConfig", "BenchJob", "Timer", "CpuTimer", "CudaTimer", "FakeTimer", "CountingTimer", "time_callables",
            "default_timer", "quantiles",
-           "last_level_cache_bytes"]
+           "last_level_cache_bytes", "paired_blocks"]
 
 
 @dataclass(frozen=True)
@@ -347,6 +347,40 @@ class CountingTimer:
         self.calls += 1
         self.keys.extend(job.key for job in jobs)
         return self.inner.measure(jobs, device)
+
+
+def _block(fn: Callable[[], Any], reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def paired_blocks(a: Callable[[], Any], b: Callable[[], Any], rounds: int, block_s: float, *,
+                  calibration_calls: int = 3) -> tuple[list[float], list[float]]:
+    """Seconds per call of `a` and of `b`, one sample each per round: each round times a block of
+    each back to back, in alternating order, with gc paused, so drift and a neighbour's bursts hit
+    both sides of a round alike (take per-round differences or ratios). Both are warmed up with
+    `calibration_calls` calls; the block length is calibrated on `b`."""
+    for fn in (a, b):
+        _block(fn, calibration_calls)
+    reps = max(1, int(block_s / max(_block(b, calibration_calls), 1e-9)))
+    sa: list[float] = []
+    sb: list[float] = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            if r % 2:
+                ta, tb = _block(a, reps), _block(b, reps)
+            else:
+                tb, ta = _block(b, reps), _block(a, reps)
+            sa.append(ta)
+            sb.append(tb)
+    finally:
+        if gc_was:
+            gc.enable()
+    return sa, sb
 
 
 def time_callables(fns: dict[str, Callable[[], Any]], device: torch.device,

@@ -129,32 +129,11 @@ def _layer_kernels(model: nn.Module) -> list[object]:
 def paired_ratio(slow, fast, bench: BenchConfig, rounds: int = 41) -> tuple[float, float, float]:
     """(p25, median, p75) over rounds of time(slow) / time(fast), each round one block of each,
     back to back, in alternating order (gc paused)."""
-    import gc  # noqa: PLC0415
-
-    from autoquant.bench import fixed_threads, quantiles  # noqa: PLC0415
-
-    def block(fn, reps):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
+    from autoquant.bench import fixed_threads, paired_blocks, quantiles  # noqa: PLC0415
 
     with fixed_threads(bench.cpu_threads):
-        for fn in (slow, fast):
-            block(fn, 3)
-        reps = max(1, int(bench.min_block_s / max(block(fast, 3), 1e-9)))
-        ratios = []
-        gc.disable()
-        try:
-            for r in range(rounds):
-                if r % 2:
-                    a, b = block(slow, reps), block(fast, reps)
-                else:
-                    b, a = block(fast, reps), block(slow, reps)
-                ratios.append(a / b)
-        finally:
-            gc.enable()
-    return quantiles(ratios)
+        ts, tf = paired_blocks(slow, fast, rounds, bench.min_block_s)
+    return quantiles([a / b for a, b in zip(ts, tf)])
 
 
 def main(argv=None) -> int:

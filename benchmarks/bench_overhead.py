@@ -19,11 +19,9 @@ layer's Python always runs.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.bench import fixed_threads, quantiles
+from autoquant.bench import fixed_threads, paired_blocks, quantiles
 from autoquant.candidates import (
     Candidate,
     FloatCandidate,
@@ -177,39 +175,16 @@ def _raw(layer: nn.Module, small: Candidate | None, x: Tensor) -> Callable[[], T
     return _RAW[small.family](layer, x)  # type: ignore[arg-type]  (a DispatchLinear at M=1 runs `small`)
 
 
-def _block(fn: Callable[[], Any], reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
-
-
 def paired(layer_fn: Callable[[], Any], raw_fn: Callable[[], Any], rounds: int, block_s: float
            ) -> tuple[float, float, float, float]:
     """(raw median, layer median, median of per-round differences, its IQR), seconds per call.
 
     Each round times a block of each callable back to back, in alternating order; the overhead is
     the median of the per-round differences, so drift and other processes' bursts (this machine
-    has 2 cores and is shared) hit both sides of a difference alike."""
-    for fn in (layer_fn, raw_fn):  # warm-up: first calls build oneDNN primitives, caches, ...
-        _block(fn, 50)
-    reps = max(1, int(block_s / max(_block(raw_fn, 50), 1e-9)))
-    raw, lay, diff = [], [], []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            if r % 2:
-                a, b = _block(layer_fn, reps), _block(raw_fn, reps)
-            else:
-                b, a = _block(raw_fn, reps), _block(layer_fn, reps)
-            lay.append(a)
-            raw.append(b)
-            diff.append(a - b)
-    finally:
-        if gc_was:
-            gc.enable()
-    q1, med, q3 = quantiles(diff)
+    has 2 cores and is shared) hit both sides of a difference alike. Warm-up (50 calls each) also
+    builds oneDNN primitives, caches, ..."""
+    lay, raw = paired_blocks(layer_fn, raw_fn, rounds, block_s, calibration_calls=50)
+    q1, med, q3 = quantiles([a - b for a, b in zip(lay, raw)])
     return statistics.median(raw), statistics.median(lay), med, q3 - q1
 
 

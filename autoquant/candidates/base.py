@@ -244,9 +244,9 @@ class QuantizedLinear(nn.Module):
         self.refresh_runtime()  # runtime copies (e.g. per-dtype scales) follow the loaded values
 
     def _kernel(self, x2: Tensor) -> Tensor:
-        """The layer's kernel on a 2-D contiguous activation (overridden by DispatchLinear)."""
-        if self._eager is not None and x2.dtype == self.act_dtype and not _tracing():
-            return self._eager(x2)
+        """The layer's kernel on a 2-D contiguous activation (overridden by DispatchLinear). The
+        eager closure is not used here: ``forward`` already took it for every input it can serve,
+        and an input that made it raise must get the generic kernel."""
         buffers = self._buffers
         return self._linear(x2, buffers, self._runtime, buffers["bias"])
 
