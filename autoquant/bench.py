@@ -47,10 +47,12 @@ class BenchConfig:
     cpu_threads: int | None = None  # None: torch's current thread count, held fixed while timing
     cuda_samples: int = 50
     l2_flush_mb: int = 256
-    # CPU: each candidate's calls cycle over copies of its weight state until the copies add up to
-    # this many bytes, so every call reads its weights from memory as it does inside a model whose
-    # other layers evict them (the CPU analogue of the L2 flush). None: twice the last-level
-    # cache; 0: one copy (hot caches).
+    # CPU: how many bytes of other weights a timed call should have read since the last call on
+    # the same weight copy, so that every call reads its weights from memory as it does inside a
+    # model whose other layers evict them (the CPU analogue of the L2 flush). The tuner spreads
+    # this over copies of ALL the op's candidates, timed one pass each in turn, so it is what
+    # tuning holds in weight copies per op, not per candidate. None: the last-level cache (the
+    # slowdown saturates at half of it on the reference machine); 0: one copy, hot caches.
     cold_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -62,10 +64,10 @@ class BenchConfig:
             raise ValueError("BenchConfig.cold_bytes must be >= 0 (0: hot caches) or None (auto)")
 
     def cold_target_bytes(self) -> int:
-        """Bytes of weight copies a CPU candidate cycles over (see `cold_bytes`)."""
+        """Bytes of weight traffic between two calls on one weight copy (see `cold_bytes`)."""
         if self.cold_bytes is not None:
             return self.cold_bytes
-        return 2 * last_level_cache_bytes()
+        return last_level_cache_bytes()
 
 
 _LLC_FALLBACK = 32 << 20
@@ -98,15 +100,20 @@ def last_level_cache_bytes() -> int:
 
 @dataclass(frozen=True)
 class BenchJob:
-    """One thing to time: `fn()` runs the op once (inputs already bound), `key` says what it is."""
+    """One thing to time: `fn()` runs the op once (inputs already bound), `key` says what it is.
+
+    `calls`: a pass is this many calls, each on a different copy of the weights (`fn` cycles over
+    them). A cold CPU timer runs one pass per block, between other jobs' passes, so no call finds
+    its copy still in cache; it never repeats a pass back to back."""
 
     key: BenchKey
     fn: Callable[[], Any] = field(compare=False)
+    calls: int = field(default=1, compare=False)
 
 
 class Timer(Protocol):
     """What the tuner needs from a harness. A timer may also define ``cold_bytes(device) -> int``:
-    how many bytes of weight copies each candidate's calls should cycle over (CpuTimer: twice the
+    how many bytes of weight traffic should separate two calls on one weight copy (CpuTimer: the
     last-level cache); without it, one hot copy is timed."""
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
@@ -155,12 +162,19 @@ def fixed_threads(n: int | None) -> Iterator[int]:
 
 
 class CpuTimer:
-    """Interleaved block timing with perf_counter.
+    """Interleaved timing with perf_counter, hot or cold.
 
-    Each job is warmed up, then calibrated to a repetition count whose block lasts at least
-    `min_block_s` (well above the timer's resolution). Then `rounds` rounds run every job's block
-    once, in an order rotated each round; a sample is block time / reps. Garbage collection is
-    paused while timing so a collection never lands inside one candidate's block.
+    Hot (``cold_bytes`` 0): each job is warmed up, then calibrated to a repetition count whose
+    block lasts at least `min_block_s` (well above the timer's resolution). Then `rounds` rounds
+    run every job's block once, in an order rotated each round; a sample is block time / reps.
+
+    Cold (the default on a CPU): a block is one pass of the job (``BenchJob.calls`` calls, each on
+    its own weight copy) and never repeats back to back: a step runs one pass of every job, in an
+    order rotated each step, so the other jobs' copies evict a copy before it is read again, as
+    the other layers of a model do. A round is as many steps as give the jobs about
+    `min_block_s` each on average; a sample is the round's mean seconds per call.
+
+    Garbage collection is paused while timing so a collection never lands inside one block.
     """
 
     def __init__(self, config: BenchConfig | None = None) -> None:
@@ -202,25 +216,49 @@ class CpuTimer:
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
         if not jobs:
             return []
-        cfg = self.config
         gc_was_enabled = gc.isenabled()
-        with fixed_threads(cfg.cpu_threads), torch.no_grad():
-            reps = [self._calibrate(job.fn) for job in jobs]
-            samples: list[list[float]] = [[] for _ in jobs]
-            gc.disable()
+        with fixed_threads(self.config.cpu_threads), torch.no_grad():
             try:
-                for r in range(cfg.rounds):
-                    for i in _rotated(len(jobs), r):
-                        fn, n = jobs[i].fn, reps[i]
-                        t0 = time.perf_counter()
-                        for _ in range(n):
-                            fn()
-                        samples[i].append((time.perf_counter() - t0) / n)
+                if self.cold_bytes(device) > 0:
+                    samples = self._cold_rounds(jobs)
+                else:
+                    samples = self._hot_rounds(jobs)
             finally:
                 if gc_was_enabled:
                     gc.enable()
         load = _load_avg()
         return [_summary(s, load) for s in samples]
+
+    def _hot_rounds(self, jobs: Sequence[BenchJob]) -> list[list[float]]:
+        cfg = self.config
+        reps = [self._calibrate(job.fn) for job in jobs]
+        samples: list[list[float]] = [[] for _ in jobs]
+        gc.disable()
+        for r in range(cfg.rounds):
+            for i in _rotated(len(jobs), r):
+                samples[i].append(_block(jobs[i].fn, reps[i]))
+        return samples
+
+    def _cold_rounds(self, jobs: Sequence[BenchJob]) -> list[list[float]]:
+        cfg = self.config
+        per_pass = []
+        for job in jobs:  # warm-up: lazy state, first-touch page faults of every copy
+            deadline = time.perf_counter() + cfg.warmup_s
+            t = _block(job.fn, max(1, job.calls))
+            while time.perf_counter() < deadline:
+                t = _block(job.fn, max(1, job.calls))
+            per_pass.append(t * max(1, job.calls))
+        steps = max(1, min(cfg.max_reps, math.ceil(cfg.min_block_s * len(jobs) / max(sum(per_pass), 1e-9))))
+        samples: list[list[float]] = [[] for _ in jobs]
+        gc.disable()
+        for r in range(cfg.rounds):
+            acc = [0.0] * len(jobs)
+            for s in range(steps):
+                for i in _rotated(len(jobs), r * steps + s):
+                    acc[i] += _block(jobs[i].fn, max(1, jobs[i].calls))
+            for i, total in enumerate(acc):
+                samples[i].append(total / steps)
+        return samples
 
 
 def _rotated(n: int, r: int) -> list[int]:

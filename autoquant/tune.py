@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .bench import BenchJob, Timer
 from .candidates import Candidate, QuantizedLinear
+from .candidates._cpu_ops import PREPACK_CACHE
 from .config import TuneConfig
 from .costmodel import Cost, op_cost, timed_parts
 from .hardware import Environment, environment
@@ -142,20 +143,31 @@ def _rotating(fns: Sequence[Callable[[Tensor], Tensor]], xs: Sequence[Tensor]) -
 
 
 _MAX_COPIES = 256
+_PART_ORDER = {Timed.FULL: 0, Timed.RELU: 1, Timed.MATMUL: 2}
 
 
-def _cold_copies(module: QuantizedLinear, target_bytes: int) -> list[QuantizedLinear]:
-    """`module` plus clones of its weight state, enough that cycling over them reads about
-    `target_bytes` (beyond the CPU's last-level cache): inside a model, the other layers evict a
-    layer's weights between two of its calls, and timing one hot copy would favour big float
-    weights that fit in cache here but not there (measured: a 512x512 fp32 layer at M=1 ties
-    fbgemm int8 with hot caches and is 2x slower than it with cold ones)."""
+def _state_bytes(module: torch.nn.Module) -> int:
+    """Bytes one call of `module` reads: its buffers plus the prepacked handles held for them."""
     if not isinstance(module, QuantizedLinear):
-        return [module]
-    state = sum(t.nbytes for t in module.buffers())
-    if target_bytes <= 0 or state <= 0 or state >= target_bytes:
-        return [module]
-    n = min(_MAX_COPIES, -(-target_bytes // state))
+        return 0
+    buffers = list(module.buffers())
+    return sum(t.nbytes for t in buffers) + PREPACK_CACHE.held_for(buffers)
+
+
+def copies_per_candidate(state_bytes: Sequence[int], target_bytes: int) -> int:
+    """How many weight copies each candidate of an op gets, so that one pass of every candidate
+    (each call on its next copy) reads about `target_bytes`: then a copy is read again only after
+    that many bytes of other weights, beyond the CPU's last-level cache, as inside a model whose
+    other layers evict it (measured: a 512x512 fp32 layer at M=1 ties fbgemm int8 with hot caches
+    and is 2x slower than it with cold ones). The budget is for the op, not per candidate."""
+    total = sum(state_bytes)
+    if target_bytes <= 0 or total <= 0 or total >= target_bytes:
+        return 1
+    return min(_MAX_COPIES, -(-target_bytes // total))
+
+
+def _clones(module: QuantizedLinear, n: int) -> list[QuantizedLinear]:
+    """`module` and n - 1 copies of its weight state (each with its own prepacked handle)."""
     copies = [module]
     for _ in range(n - 1):
         packed = {name: t.clone() for name, t in module.packed().items()}
@@ -168,6 +180,7 @@ def _jobs_for(
     cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], modules: Sequence[QuantizedLinear],
     xs: Sequence[Tensor],
 ) -> list[BenchJob]:
+    """One job per timed part; each call goes to the next of `modules` (a pass: one call each)."""
     jobs = []
     for part in parts:
         key = bench_key(env_hash, cand, op, part)
@@ -181,7 +194,7 @@ def _jobs_for(
             if any(mm is None for mm in mms):
                 raise RuntimeError(f"{cand.name} is dynamic but gives no matmul part to time")
             fn = _rotating([lambda _x, mm=mm: mm() for mm in mms], [x0])
-        jobs.append(BenchJob(key, fn))
+        jobs.append(BenchJob(key, fn, calls=len(modules)))
     return jobs
 
 
@@ -216,112 +229,134 @@ def _measure(timer: Timer, jobs: list[BenchJob], device: torch.device) -> dict[B
         return out
 
 
+class _OpBench:
+    """Timing of the candidates of one op: built once, copied per phase (see `_cold_jobs`)."""
+
+    def __init__(self, op: OpShape, env_hash: str, device: torch.device, timer: Timer, config: TuneConfig,
+                 trials: dict[Candidate, Trial]) -> None:
+        self.op, self.env_hash, self.device, self.timer, self.config = op, env_hash, device, timer, config
+        self.trials = trials
+        self.weight, self.bias, self.xs = _synthetic(op, device)
+        self.target = _cold_bytes(timer, device)
+        self.built: dict[Candidate, torch.nn.Module] = {}
+        self.owners: dict[BenchKey, Candidate] = {}
+
+    def parts(self, cand: Candidate) -> list[Timed]:
+        return list(timed_parts(self.config.cost_model, cand.dynamic_activation))
+
+    def fail(self, cand: Candidate, exc: BaseException) -> None:
+        self.trials[cand].reason = f"failed: {type(exc).__name__}: {exc}"
+        log.info("%s on %s: %s", cand.name, self.op.label(), self.trials[cand].reason)
+        self.built.pop(cand, None)
+
+    def build(self, cands: Sequence[Candidate]) -> None:
+        for cand in cands:
+            try:
+                module = cand.build(self.weight, self.bias)
+                with torch.no_grad():
+                    _check_output(module, self.xs[0], self.op)
+                jobs = _jobs_for(cand, self.op, self.env_hash, self.parts(cand), [module], self.xs)
+            except Exception as exc:  # a failing candidate never takes tuning down
+                self.fail(cand, exc)
+                continue
+            self.built[cand] = module
+            self.owners.update({j.key: cand for j in jobs})
+
+    def cold_jobs(self, cands: Sequence[Candidate]) -> list[BenchJob]:
+        """Jobs for `cands` over fresh weight copies that add up to the timer's cold target for
+        these candidates together; ordered by part so a candidate's own jobs are far apart."""
+        cands = [c for c in cands if c in self.built]
+        n = copies_per_candidate([_state_bytes(self.built[c]) for c in cands], self.target)
+        jobs: list[BenchJob] = []
+        for cand in cands:
+            try:
+                copies = _clones(self.built[cand], n)  # type: ignore[arg-type]
+                jobs += _jobs_for(cand, self.op, self.env_hash, self.parts(cand), copies, self.xs)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the copies
+                self.fail(cand, exc)
+        return sorted(jobs, key=lambda j: _PART_ORDER[j.key.timed])
+
+    def measure(self, cands: Sequence[Candidate]) -> dict[BenchKey, Measurement]:
+        return _measure(self.timer, self.cold_jobs(cands), self.device)
+
+    def first_job(self, cand: Candidate) -> BenchJob:
+        parts = [p for p in self.parts(cand) if p is not Timed.MATMUL] or self.parts(cand)
+        return _jobs_for(cand, self.op, self.env_hash, parts[:1], [self.built[cand]], self.xs)[0]  # type: ignore[list-item]
+
+    def screen(self) -> dict[Candidate, float]:
+        """A few calls of each candidate on its one copy: rough seconds per call."""
+        rough: dict[Candidate, float] = {}
+        if len(self.built) < 2 or self.config.hopeless_factor <= 0:
+            return rough
+        for cand in self.built:
+            try:
+                rough[cand] = self.timer.quick(self.first_job(cand), self.device)
+            except Exception as exc:  # left to the full timing, which records the failure
+                log.debug("screening %s on %s failed: %s", cand.name, self.op.label(), exc)
+        return rough
+
+    def cost(self, cand: Candidate, measured: dict[BenchKey, Measurement]) -> float | None:
+        parts = {k.timed: v for k, v in measured.items() if self.owners.get(k) is cand}
+        if self.trials[cand].reason is not None or len(parts) != len(self.parts(cand)):
+            return None
+        return op_cost(self.config.cost_model, cand.dynamic_activation, parts).value
+
+
 def _bench_op(
     op: OpShape, cands: Sequence[Candidate], device: torch.device, env_hash: str, timer: Timer,
     config: TuneConfig, trials: dict[Candidate, Trial],
 ) -> dict[BenchKey, Measurement]:
-    """Build, check and time every candidate in `cands` on `op`; fills reasons into `trials`."""
-    weight, bias, xs = _synthetic(op, device)
-    cold = _cold_bytes(timer, device)
-    jobs: list[BenchJob] = []
-    owners: dict[BenchKey, Candidate] = {}
-    modules = []
-    for cand in cands:
-        try:
-            module = cand.build(weight, bias)
-            with torch.no_grad():
-                _check_output(module, xs[0], op)
-            parts = timed_parts(config.cost_model, cand.dynamic_activation)
-            copies = _cold_copies(module, cold)
-            cand_jobs = _jobs_for(cand, op, env_hash, parts, copies, xs)
-        except Exception as exc:  # a failing candidate never takes tuning down
-            trials[cand].reason = f"failed: {type(exc).__name__}: {exc}"
-            log.info("%s on %s: %s", cand.name, op.label(), trials[cand].reason)
-            continue
-        modules.append(copies)
-        jobs.extend(cand_jobs)
-        owners.update({j.key: cand for j in cand_jobs})
-    jobs, deferred, rough = _screen(jobs, owners, device, timer, config)
-    measured = _measure(timer, jobs, device)
-    jobs += _settle_deferred(jobs, deferred, rough, measured, owners, device, timer, config)
-    for key, cand in owners.items():
+    """Build, check and time every candidate in `cands` on `op`; fills reasons into `trials`.
+
+    1. Screen: a few calls each; a candidate `hopeless_factor` times slower than the fastest first
+       calls is set aside (fp8 on a CPU can be 50x slower than fp32: timing it fully would
+       dominate tuning). 2. Time the rest together, cold. 3. A set-aside candidate within reach of
+       the best full timing after all (first calls can be inflated by a neighbour's load) is timed
+       with the rest again; the others keep a rough one-sample figure. 4. Re-time the
+       `retime_top` cheapest together, so the decision between the closest is made from one more
+       interleaved run (DESIGN.md section 5: the machine is noisy). Only one phase's weight copies
+       are alive at a time."""
+    bench = _OpBench(op, env_hash, device, timer, config, trials)
+    bench.build(cands)
+    rough = bench.screen()
+    best_rough = min(rough.values(), default=float("inf"))
+    hopeless = [c for c, t in rough.items() if t > config.hopeless_factor * best_rough]
+    live = [c for c in bench.built if c not in hopeless]
+    measured = bench.measure(live)
+    if hopeless:
+        full = [v.median_s for k, v in measured.items() if k.timed is not Timed.MATMUL]
+        reach = config.hopeless_factor * min(full, default=float("inf"))
+        recheck = [c for c in hopeless if rough[c] <= reach]
+        if recheck:
+            live += recheck
+            measured = bench.measure(live)
+        for cand in hopeless:
+            if cand not in recheck:
+                _rough_figures(bench, cand, rough[cand], measured)
+    for key, cand in bench.owners.items():
         if key not in measured and trials[cand].reason is None:
             trials[cand].reason = "failed while being timed"
-    _retime_top(op, jobs, measured, owners, trials, device, timer, config)
-    del modules
-    return {k: v for k, v in measured.items() if trials[owners[k]].reason is None}
+    if config.retime_top >= 2:
+        costs = {c: v for c in live if (v := bench.cost(c, measured)) is not None}
+        top = sorted(costs, key=lambda c: (costs[c], c.order, c.params_json()))[: config.retime_top]
+        if len(top) >= 2:
+            measured.update(bench.measure(top))
+    return {k: v for k, v in measured.items() if trials[bench.owners[k]].reason is None}
 
 
-def _screen(
-    jobs: list[BenchJob], owners: dict[BenchKey, Candidate], device: torch.device, timer: Timer,
-    config: TuneConfig,
-) -> tuple[list[BenchJob], list[BenchJob], dict[Candidate, float]]:
-    """A few calls per candidate; returns (jobs to time now, jobs deferred as hopeless, rough
-    seconds per candidate). Hopeless: `hopeless_factor` times slower than the fastest first calls
-    (fp8 on a CPU can be 50x slower than fp32: timing it fully would dominate tuning)."""
-    primary = [j for j in jobs if j.key.timed is not Timed.MATMUL]
-    if len(primary) < 2 or config.hopeless_factor <= 0:
-        return jobs, [], {}
-    rough: dict[Candidate, float] = {}
-    for job in primary:
-        try:
-            rough[owners[job.key]] = timer.quick(job, device)
-        except Exception as exc:  # left to the full timing, which records the failure
-            log.debug("screening %s failed: %s", job.key, exc)
-    if not rough:
-        return jobs, [], {}
-    best = min(rough.values())
-    hopeless = {c for c, t in rough.items() if t > config.hopeless_factor * best}
-    keep = [j for j in jobs if owners[j.key] not in hopeless]
-    deferred = [j for j in jobs if owners[j.key] in hopeless]
-    return keep, deferred, rough
-
-
-def _settle_deferred(
-    jobs: list[BenchJob], deferred: list[BenchJob], rough: dict[Candidate, float],
-    measured: dict[BenchKey, Measurement], owners: dict[BenchKey, Candidate], device: torch.device,
-    timer: Timer, config: TuneConfig,
-) -> list[BenchJob]:
-    """Deferred candidates whose first calls were within `hopeless_factor` of the best FULL
-    timing after all (the screen's first calls can be inflated by a neighbour's load) are timed
-    properly; the rest keep a rough single-sample figure. Returns the jobs timed properly."""
-    full = [measured[j.key].median_s for j in jobs if j.key.timed is not Timed.MATMUL and j.key in measured]
-    best = min(full, default=float("inf"))
-    recheck = [j for j in deferred if rough.get(owners[j.key], float("inf")) <= config.hopeless_factor * best]
-    if recheck:
-        measured.update(_measure(timer, recheck, device))
-    for job in deferred:
-        if job in recheck or job.key in measured:
-            continue
-        t = rough.get(owners[job.key]) if job.key.timed is not Timed.MATMUL else None
-        if t is None:  # the MATMUL part of a hopeless dynamic candidate: one rough call too
+def _rough_figures(bench: _OpBench, cand: Candidate, rough: float, measured: dict[BenchKey, Measurement]) -> None:
+    """A hopeless candidate's parts get one-sample figures: its screening time for the primary
+    part, one quick call for the matmul part of a dynamic candidate."""
+    for part in bench.parts(cand):
+        t: float | None = rough
+        if part is Timed.MATMUL:
             try:
-                t = timer.quick(job, device)
+                job = _jobs_for(cand, bench.op, bench.env_hash, [part], [bench.built[cand]], bench.xs)[0]  # type: ignore[list-item]
+                t = bench.timer.quick(job, bench.device)
             except Exception:  # noqa: BLE001 - recorded as "failed while being timed"
-                continue
-        measured[job.key] = Measurement(t, t, t, 1, None)
-    return recheck
-
-
-def _retime_top(
-    op: OpShape, jobs: list[BenchJob], measured: dict[BenchKey, Measurement],
-    owners: dict[BenchKey, Candidate], trials: dict[Candidate, Trial], device: torch.device,
-    timer: Timer, config: TuneConfig,
-) -> None:
-    """Re-time the cheapest `retime_top` candidates together, so the decision between the two
-    closest is made from one interleaved run (DESIGN.md section 5: the machine is noisy)."""
-    if config.retime_top < 2:
-        return
-    costs = {}
-    for cand in {owners[k] for k in measured}:
-        parts = {k.timed: measured[k] for k in measured if owners[k] is cand}
-        if trials[cand].reason is None and len(parts) == len(timed_parts(config.cost_model, cand.dynamic_activation)):
-            costs[cand] = op_cost(config.cost_model, cand.dynamic_activation, parts).value
-    top = sorted(costs, key=lambda c: (costs[c], c.order, c.params_json()))[: config.retime_top]
-    if len(top) < 2:
-        return
-    again = [j for j in jobs if owners[j.key] in top]
-    measured.update(_measure(timer, again, device))
+                t = None
+        if t is not None:
+            measured[bench_key(bench.env_hash, cand, bench.op, part)] = Measurement(t, t, t, 1, None)
 
 
 def tune_ops(

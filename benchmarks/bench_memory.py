@@ -8,7 +8,10 @@
    scales): measured as the RSS growth of building one more copy of every layer's runtime state
    (fbgemm's handles are opaque to Python; RSS sees them).
 2. Peak RSS while ``autoquant(model, x, cache=None)`` tunes the float32 model with the real CPU
-   timer (sampled every 2 ms by a thread), against the model's own size.
+   timer (sampled every 2 ms by a thread), against the model's own size and against what tuning
+   one op at a time has to hold: the largest op's candidates (their buffers and prepacked
+   handles, built side by side) plus the weight copies the cold CPU timer cycles over (one
+   budget per op, at most the last-level cache: ``autoquant.tune.copies_per_candidate``).
 
 RSS here is RssAnon (anonymous memory: heap, tensors), so that code pages of libtorch touched for
 the first time do not count as memory the model holds.
@@ -186,6 +189,25 @@ class PeakSampler:
         self.peak = max(self.peak, rss())
 
 
+def largest_op_budget(model: nn.Module, m: int) -> dict[str, float]:
+    """Bytes of every supported candidate of the model's largest Linear (float32, M=`m`) built
+    side by side, and of the cold weight copies the CPU timer adds for them."""
+    from autoquant.bench import BenchConfig
+    from autoquant.candidates import default_candidates
+    from autoquant.tune import _state_bytes, copies_per_candidate
+
+    lin = max((mod for mod in model.modules() if isinstance(mod, nn.Linear)),
+              key=lambda mod: mod.in_features * mod.out_features)
+    op = OpShape(m, lin.in_features, lin.out_features, lin.bias is not None, "float32")
+    cpu = torch.device("cpu")
+    built = [c.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach())
+             for c in default_candidates(cpu, F32) if c.supports(cpu, op) is None]
+    sizes = [_state_bytes(b) for b in built]
+    n = copies_per_candidate(sizes, BenchConfig().cold_target_bytes())
+    return {"op": op.label(), "candidates_mb": sum(sizes) / MB, "copies_mb": (n - 1) * sum(sizes) / MB,
+            "copies_per_candidate": n}
+
+
 def tune_peak(make: Callable[[torch.dtype], nn.Module], example: Callable[[], Any]) -> dict[str, float]:
     from autoquant import autoquant
 
@@ -232,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             def example() -> Any:
                 return torch.randn(16, 512)
         r = tune_peak(make, example)
+        budget = largest_op_budget(make(F32), 16)
         print(f"\ntuning the float32 model (autoquant, real CPU timer, cache=None) took {r['tune_s']:.0f} s")
         print(f"  model {r['model_mb']:.2f} MiB; RSS before {r['rss_before_mb']:.1f} MiB, peak {r['peak_mb']:.1f} MiB "
               f"(+{r['peak_over_start_mb']:.1f} MiB = {r['peak_over_start_mb'] / r['model_mb']:.2f}x the model), "
               f"after finalize {r['after_mb']:.1f} MiB; finalized state {r['final_state_mb']:.2f} MiB")
+        allowed = budget["candidates_mb"] + budget["copies_mb"]
+        print(f"  largest op {budget['op']}: candidates {budget['candidates_mb']:.1f} MiB side by side + cold "
+              f"copies {budget['copies_mb']:.1f} MiB ({budget['copies_per_candidate']} per candidate) = "
+              f"{allowed:.1f} MiB; peak over start / that = {r['peak_over_start_mb'] / allowed:.2f}")
     return 0
 
 

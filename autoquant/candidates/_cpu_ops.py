@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -87,10 +87,14 @@ class _Entry:
     can be reused. Other sources are also held by weak reference: a new tensor allocated where a
     dead one lived would otherwise match on pointer and version alone."""
 
-    __slots__ = ("handle", "others", "ptr", "version")
+    __slots__ = ("handle", "nbytes", "others", "ptr", "version")
 
     def __init__(self, handle: Any, sources: tuple[Tensor, ...]) -> None:
         self.handle = handle
+        # Tensor handles by their storage; fbgemm's are opaque: about the anchor's bytes (1.0-1.1x).
+        parts = handle if isinstance(handle, tuple) else (handle,)
+        tensors = [_tensor_bytes(h) for h in parts if isinstance(h, Tensor)]
+        self.nbytes = sum(tensors) if tensors else sources[0].nbytes
         self.ptr = sources[0].data_ptr()
         self.version = _version(sources[0])
         self.others = tuple((weakref.ref(t), t.data_ptr(), _version(t)) for t in sources[1:])
@@ -167,6 +171,11 @@ class PrepackCache:
                 if isinstance(h, Tensor):
                     total += _tensor_bytes(h)
         return total
+
+    def held_for(self, tensors: Iterable[Tensor]) -> int:
+        """Bytes of the handles anchored on any of `tensors` (what a layer holds beyond its buffers)."""
+        ids = {id(t) for t in tensors}
+        return sum(e.nbytes for (_, anchor), e in list(self._entries.items()) if anchor in ids)
 
     def clear(self) -> None:
         with self._lock:

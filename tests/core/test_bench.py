@@ -42,6 +42,36 @@ def test_cpu_timer_blocks_exceed_min_block():
     assert len(calls) > 100
 
 
+def test_cold_timer_never_repeats_a_pass_back_to_back():
+    """Cold CPU timing: a block is one pass over a job's weight copies, and the next block is
+    another job's, so no copy is read twice without the other jobs' copies read in between."""
+    log = []
+
+    def job(name, copies):
+        state = {"i": 0}
+
+        def fn():
+            log.append((name, state["i"] % copies))
+            state["i"] += 1
+        return BenchJob(key(name), fn, calls=copies)
+
+    cfg = BenchConfig(rounds=4, min_block_s=1e-4, warmup_s=0, cold_bytes=1 << 20)
+    out = CpuTimer(cfg).measure([job("a", 3), job("b", 3), job("c", 3)], torch.device("cpu"))
+    assert [m.samples for m in out] == [4, 4, 4]
+    timed = log[3 * 3:]  # after the warm-up: one pass per job (warmup_s=0)
+    passes = [timed[i:i + 3] for i in range(0, len(timed) - len(timed) % 3, 3)]
+    assert len(passes) >= 12
+    for p in passes:  # a pass is one call on each copy of ONE job
+        assert len({n for n, _ in p}) == 1 and sorted(c for _, c in p) == [0, 1, 2]
+    for p, q in zip(passes, passes[1:]):
+        assert p[0][0] != q[0][0]
+
+    log.clear()  # hot: each job repeats its block, calibrated to last min_block_s
+    CpuTimer(BenchConfig(rounds=2, min_block_s=1e-4, warmup_s=0, cold_bytes=0)).measure(
+        [job("a", 3), job("b", 3)], torch.device("cpu"))
+    assert any(log[i] == log[i + 3] for i in range(len(log) - 3)) and ("a", 0) in log and ("b", 0) in log
+
+
 def test_cpu_timer_restores_thread_count():
     before = torch.get_num_threads()
     CpuTimer(BenchConfig(rounds=1, min_block_s=1e-4, cpu_threads=1)).measure(
@@ -102,7 +132,7 @@ def test_cold_target_follows_the_last_level_cache():
 
     llc = last_level_cache_bytes()
     assert llc >= 1 << 20  # sysfs or the 32 MiB fallback: never zero
-    assert BenchConfig().cold_target_bytes() == 2 * llc
+    assert BenchConfig().cold_target_bytes() == llc
     assert BenchConfig(cold_bytes=0).cold_target_bytes() == 0
     assert CpuTimer(BenchConfig(cold_bytes=123)).cold_bytes(torch.device("cpu")) == 123
     assert CountingTimer(CpuTimer(BenchConfig(cold_bytes=5))).cold_bytes(torch.device("cpu")) == 5
@@ -115,26 +145,39 @@ def test_cold_copies_cycle_over_distinct_weights_with_equal_outputs():
     """Each timed call of a candidate reads a different copy of its weights (so they come from
     memory, not cache); the copies compute exactly what the original does."""
     from autoquant.candidates import get_family
-    from autoquant.tune import _cold_copies, _jobs_for
+    from autoquant.tune import _clones, _jobs_for, _state_bytes, copies_per_candidate
 
     torch.manual_seed(0)
     cand = get_family("int8_dynamic")(kernel="fbgemm")
     layer = cand.build(torch.randn(48, 64), torch.randn(48))
-    state = sum(t.nbytes for t in layer.buffers())
-    copies = _cold_copies(layer, 5 * state)
+    buffers = sum(t.nbytes for t in layer.buffers())
+    # fbgemm holds a prepacked copy of the int8 weight beside the buffers: counted too
+    assert _state_bytes(layer) >= buffers + 48 * 64
+    copies = _clones(layer, 5)
     assert len(copies) == 5 and copies[0] is layer
     assert len({c.w_int8.data_ptr() for c in copies}) == 5
     x = torch.randn(3, 64)
     for c in copies:
         assert torch.equal(c(x), layer(x))
-    assert _cold_copies(layer, 0) == [layer]
-    assert _cold_copies(layer, state) == [layer]
 
     seen = []
     for c in copies:
         c.register_forward_hook(lambda mod, args, out: seen.append(mod))
     op = OpShape(3, 64, 48, True, "float32")
     [job] = _jobs_for(cand, op, "env", [Timed.FULL], copies, [x])
+    assert job.calls == 5  # one pass: each copy once
     for _ in range(10):
         job.fn()
     assert [id(m) for m in seen] == [id(copies[i % 5]) for i in range(10)]
+
+
+def test_copies_share_one_budget_per_op():
+    """The cold budget is for all of an op's candidates together, not for each one."""
+    from autoquant.tune import copies_per_candidate
+
+    assert copies_per_candidate([100, 300], 4000) == 10  # one pass of both reads 4000 bytes
+    assert copies_per_candidate([100, 300], 4001) == 11
+    assert copies_per_candidate([3000, 2000], 4000) == 1  # big enough to evict each other
+    assert copies_per_candidate([100], 0) == 1  # hot timing
+    assert copies_per_candidate([], 4000) == 1
+    assert copies_per_candidate([1], 1 << 30) == 256  # capped
