@@ -172,7 +172,7 @@ def _clones(module: QuantizedLinear, n: int) -> list[QuantizedLinear]:
     """`module` and n - 1 copies of its weight state (each with its own prepacked handle). Each
     buffer's copies are views of one block, so freeing them hands one allocation back instead of
     leaving n small holes in the heap."""
-    if n <= 1:
+    if n <= 1 or not isinstance(module, QuantizedLinear):
         return [module]
     state = dict(module.packed())
     if module.bias is not None:
@@ -244,7 +244,7 @@ def _measure(timer: Timer, jobs: list[BenchJob], device: torch.device) -> dict[B
 
 
 class _OpBench:
-    """Timing of the candidates of one op: built once, copied per phase (see `_cold_jobs`)."""
+    """The candidates of one op, built once and checked; `cold_jobs` gives them weight copies."""
 
     def __init__(self, op: OpShape, env_hash: str, device: torch.device, timer: Timer, config: TuneConfig,
                  trials: dict[Candidate, Trial]) -> None:
