@@ -334,6 +334,7 @@ def _bench_op(
     best_rough = min(rough.values(), default=float("inf"))
     hopeless = [c for c, t in rough.items() if t > config.hopeless_factor * best_rough]
     live = [c for c in bench.built if c not in hopeless]
+    _return_freed_memory()  # the builds' temporaries: let the copies reuse those pages
     n = bench.copies_for(live)
     jobs = bench.cold_jobs(live, n)
     measured = _measure(timer, jobs, device)
