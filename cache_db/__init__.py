@@ -11,7 +11,6 @@ from .errors import CacheImportError, CacheUnavailableError
 from .migrations import SCHEMA_VERSION
 from .opening import (
     DEFAULT_FILE_NAME,
-    FallbackStore,
     default_cache_url,
     open_store,
     open_store_or_memory,
@@ -35,7 +34,6 @@ __all__ = [
     "CacheUnavailableError",
     "EnvironmentCount",
     "ExportReport",
-    "FallbackStore",
     "ImportReport",
     "PruneReport",
     "SQLStore",

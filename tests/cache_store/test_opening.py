@@ -1,4 +1,4 @@
-"""open_store / default_cache_url / open_store_or_memory / FallbackStore."""
+"""open_store / default_cache_url / open_store_or_memory / SafeStore (a cache failing mid-tune)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from autoquant.cache_db import (
     CacheUnavailableError,
-    FallbackStore,
     SQLStore,
     default_cache_url,
     open_store,
@@ -16,6 +15,7 @@ from autoquant.cache_db import (
 from autoquant.cache_db.engine import mask_url, parse_spec
 
 from autoquant.store import MemoryStore
+from autoquant.tune import SafeStore
 
 from .conftest import CPU_ENV
 from .helpers import figures, key
@@ -72,9 +72,9 @@ def test_default_cache_url(monkeypatch, tmp_path: Path) -> None:
     assert default_cache_url().startswith("sqlite:///")
 
 
-def test_open_store_or_memory_wraps_a_working_store(tmp_path: Path) -> None:
+def test_open_store_or_memory_gives_a_working_store(tmp_path: Path) -> None:
     store, warning = open_store_or_memory(tmp_path / "c.sqlite")
-    assert isinstance(store, FallbackStore) and warning is None
+    assert isinstance(store, SQLStore) and warning is None
     store.put_many(CPU_ENV, {key(CPU_ENV): figures()})
     assert store.get_many([key(CPU_ENV)]) == {key(CPU_ENV): figures()}
     assert store.describe() == str(tmp_path / "c.sqlite")
@@ -90,10 +90,11 @@ class _Broken:
         return "/x.sqlite"
 
 
-def test_fallback_store_degrades_once_and_keeps_working(caplog) -> None:
-    store = FallbackStore(_Broken())
+def test_safe_store_degrades_once_and_keeps_working(caplog) -> None:
+    store = SafeStore(_Broken())
     k = key(CPU_ENV)
     store.put_many(CPU_ENV, {k: figures()})  # the failure: logged, then kept in memory
     assert store.get_many([k]) == {k: figures()}
-    assert store.describe() == "memory" and "/x.sqlite" in (store.warning or "")
+    assert store.describe().endswith("(failed; in memory)")
+    assert "/x.sqlite" in (store.failure or "") and "Fix it." in (store.failure or "")
     assert caplog.text.count("disk I/O error") == 1

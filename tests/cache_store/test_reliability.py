@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from autoquant.cache_db import (
     CacheUnavailableError,
-    FallbackStore,
     SQLStore,
     open_store,
     open_store_or_memory,
@@ -35,6 +34,7 @@ from autoquant.cache_db.stress import (
 )
 
 from autoquant.store import MemoryStore
+from autoquant.tune import SafeStore
 
 from .conftest import CPU_ENV, TEST_DB
 from .helpers import figures, key, run_unprivileged
@@ -158,15 +158,33 @@ def test_damaged_pages_fail_at_use_and_the_tuner_carries_on(tmp_path: Path, capl
     data[6 * 4096:] = noise  # keep the schema pages, wreck the data and index pages
     path.write_bytes(bytes(data))
     before = path.read_bytes()
-    store, warning = open_store_or_memory(path)
-    assert warning is None and isinstance(store, FallbackStore)
+    opened, warning = open_store_or_memory(path)
+    assert warning is None and isinstance(opened, SQLStore)
+    store = SafeStore(opened)  # what the tuner wraps every store in
     with caplog.at_level(logging.WARNING):
         assert store.get_many(batch_keys(3, 400)) == {}
-    assert store.describe() == "memory" and str(path) in (store.warning or "")
+    assert store.describe().endswith("(failed; in memory)") and str(path) in (store.failure or "")
     assert "damaged" in caplog.text
     k = key(CPU_ENV)
     store.put_many(CPU_ENV, {k: figures()})
     assert store.get_many([k]) == {k: figures()}
+    assert path.read_bytes() == before
+
+
+def test_damaged_cache_given_by_path_is_reported(tmp_path: Path, caplog) -> None:
+    """The usual route (`cache=` a path): a file that opens but fails at first use. Tuning
+    finishes in memory, the report's warnings say which file and why, the file is untouched."""
+    path = tmp_path / "cache.sqlite"
+    with SQLStore(path) as store:
+        for b in range(5):
+            store.put_many(STRESS_ENV, {k: figures_for(k, 0) for k in batch_keys(b, 400)})
+    data = bytearray(path.read_bytes())
+    data[6 * 4096:] = random.Random(4).randbytes(len(data) - 6 * 4096)
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    model, rep = _tuned_model_with(str(path), _int8_cheap, caplog)
+    assert any("continuing in memory" in w and str(path) in w for w in rep.warnings), rep.warnings
+    assert "failed" in rep.cache
     assert path.read_bytes() == before
 
 
