@@ -241,13 +241,14 @@ class CpuTimer:
 
     def _cold_rounds(self, jobs: Sequence[BenchJob]) -> list[list[float]]:
         cfg = self.config
+        calls = [max(1, job.calls) for job in jobs]
         per_pass = []
-        for job in jobs:  # warm-up: lazy state, first-touch page faults of every copy
+        for job, n in zip(jobs, calls):  # warm-up: lazy state, first-touch page faults of every copy
             deadline = time.perf_counter() + cfg.warmup_s
-            t = _block(job.fn, max(1, job.calls))
+            t = _block(job.fn, n)
             while time.perf_counter() < deadline:
-                t = _block(job.fn, max(1, job.calls))
-            per_pass.append(t * max(1, job.calls))
+                t = _block(job.fn, n)
+            per_pass.append(t * n)
         steps = max(1, min(cfg.max_reps, math.ceil(cfg.min_block_s * len(jobs) / max(sum(per_pass), 1e-9))))
         samples: list[list[float]] = [[] for _ in jobs]
         gc.disable()
@@ -255,7 +256,7 @@ class CpuTimer:
             acc = [0.0] * len(jobs)
             for s in range(steps):
                 for i in _rotated(len(jobs), r * steps + s):
-                    acc[i] += _block(jobs[i].fn, max(1, jobs[i].calls))
+                    acc[i] += _block(jobs[i].fn, calls[i])
             for i, total in enumerate(acc):
                 samples[i].append(total / steps)
         return samples

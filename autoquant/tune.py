@@ -243,6 +243,11 @@ def _measure(timer: Timer, jobs: list[BenchJob], device: torch.device) -> dict[B
         return out
 
 
+def _by_part(jobs: list[BenchJob]) -> list[BenchJob]:
+    """All FULL jobs, then RELU, then MATMUL (stable): a candidate's own jobs far apart."""
+    return sorted(jobs, key=lambda j: _PART_ORDER[j.key.timed])
+
+
 class _OpBench:
     """The candidates of one op, built once and checked; `cold_jobs` gives them weight copies."""
 
@@ -289,7 +294,7 @@ class _OpBench:
                 jobs += _jobs_for(cand, self.op, self.env_hash, self.parts(cand), copies, self.xs)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the copies
                 self.fail(cand, exc)
-        return sorted(jobs, key=lambda j: _PART_ORDER[j.key.timed])
+        return _by_part(jobs)
 
     def first_job(self, cand: Candidate) -> BenchJob:
         parts = [p for p in self.parts(cand) if p is not Timed.MATMUL] or self.parts(cand)
@@ -344,7 +349,7 @@ def _bench_op(
         recheck = [c for c in hopeless if rough[c] <= reach]
         if recheck:  # timed with the rest again, in the same conditions
             live += recheck
-            jobs = sorted(jobs + bench.cold_jobs(recheck, n), key=lambda j: _PART_ORDER[j.key.timed])
+            jobs = _by_part(jobs + bench.cold_jobs(recheck, n))
             measured = _measure(timer, jobs, device)
         for cand in hopeless:
             if cand not in recheck:

@@ -23,7 +23,6 @@ the first time do not count as memory the model holds.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -47,6 +46,7 @@ from autoquant.candidates import (
 from autoquant.candidates._cpu_ops import _BUILDERS
 from autoquant.keys import OpShape
 from autoquant.plan import PLAN_FORMAT, PLAN_VERSION, apply_plan
+from autoquant.tune import _return_freed_memory
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -93,10 +93,7 @@ def rss() -> int:
 def _trim() -> None:
     """Hand freed heap pages back to the OS, so RSS deltas see allocations, not allocator slack."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    _return_freed_memory()  # the tuner's own (glibc malloc_trim)
 
 
 def state_bytes(model: nn.Module) -> int:

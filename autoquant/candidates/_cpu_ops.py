@@ -87,14 +87,14 @@ class _Entry:
     can be reused. Other sources are also held by weak reference: a new tensor allocated where a
     dead one lived would otherwise match on pointer and version alone."""
 
-    __slots__ = ("handle", "nbytes", "others", "ptr", "version")
+    __slots__ = ("handle", "nbytes", "others", "ptr", "tensor_bytes", "version")
 
     def __init__(self, handle: Any, sources: tuple[Tensor, ...]) -> None:
         self.handle = handle
         # Tensor handles by their storage; fbgemm's are opaque: about the anchor's bytes (1.0-1.1x).
         parts = handle if isinstance(handle, tuple) else (handle,)
-        tensors = [_tensor_bytes(h) for h in parts if isinstance(h, Tensor)]
-        self.nbytes = sum(tensors) if tensors else sources[0].nbytes
+        self.tensor_bytes = sum(_tensor_bytes(h) for h in parts if isinstance(h, Tensor))
+        self.nbytes = self.tensor_bytes or sources[0].nbytes
         self.ptr = sources[0].data_ptr()
         self.version = _version(sources[0])
         self.others = tuple((weakref.ref(t), t.data_ptr(), _version(t)) for t in sources[1:])
@@ -165,12 +165,7 @@ class PrepackCache:
 
     def nbytes(self) -> int:
         """Bytes of the cached handles that are tensors (oneDNN, int4); fbgemm's are opaque."""
-        total = 0
-        for entry in list(self._entries.values()):
-            for h in entry.handle if isinstance(entry.handle, tuple) else (entry.handle,):
-                if isinstance(h, Tensor):
-                    total += _tensor_bytes(h)
-        return total
+        return sum(e.tensor_bytes for e in list(self._entries.values()))
 
     def held_for(self, tensors: Iterable[Tensor]) -> int:
         """Bytes of the handles anchored on any of `tensors` (what a layer holds beyond its buffers)."""
