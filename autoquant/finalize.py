@@ -8,6 +8,7 @@ nn.Linear with a plain Parameter (zero overhead). Others become a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,14 +39,33 @@ class DispatchLinear(QuantizedLinear):
         self._large_runtime = dispatch.large.prepare(packed)
         large = dispatch.large
         self._large_linear = large.linear if large.traceable else torch.compiler.disable(large.linear)
+        self._eager = self._make_eager()  # now that both kernels are known
 
     def refresh_runtime(self) -> None:
-        super().refresh_runtime()
         if hasattr(self, "dispatch"):
             self._large_runtime = self.dispatch.large.prepare(self.packed())
+        super().refresh_runtime()
 
-    def _make_eager(self) -> None:
-        return None  # two kernels switched on M: no single closure
+    def _make_eager(self) -> Callable[[Tensor], Tensor] | None:
+        """One closure switching on M between the two kernels' closures. A kernel without one
+        runs its ``linear`` on the folded input. None until both kernels are known."""
+        d = self.__dict__
+        if "dispatch" not in d or self.act_dtype is None:
+            return None
+        buffers, dtype = self._buffers, self.act_dtype
+        try:
+            small = self.dispatch.small.eager(buffers, self._runtime, dtype)  # type: ignore[arg-type]
+            large = self.dispatch.large.eager(buffers, self._large_runtime, dtype)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - an optional shortcut: the generic path always works
+            return None
+        small = small or _folded_linear(self._linear, buffers, self._runtime, self.in_features)
+        large = large or _folded_linear(self._large_linear, buffers, self._large_runtime, self.in_features)
+        rows_times_k = self.threshold * self.in_features  # M < threshold <=> numel < threshold * K
+
+        def run(x: Tensor) -> Tensor:
+            return small(x) if x.numel() < rows_times_k else large(x)
+
+        return run
 
     def _kernel(self, x2: Tensor) -> Tensor:
         buffers = self._buffers
@@ -68,6 +88,19 @@ class DispatchLinear(QuantizedLinear):
         d = self.dispatch
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"M<{d.threshold}: {d.small.name}, else {d.large.name}")
+
+
+def _folded_linear(linear: Callable[..., Tensor], buffers: dict[str, Any], runtime: Any,
+                   k: int) -> Callable[[Tensor], Tensor]:
+    """A kernel's generic ``linear`` as an eager closure: x folded to a contiguous [M, K]."""
+    def run(x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = linear(x2, buffers, runtime, buffers["bias"])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return run
 
 
 def plain_weight(linear: nn.Linear) -> Tensor:

@@ -46,6 +46,7 @@ registered op.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -54,12 +55,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..primitives import unpack_int4_lo_first
+from ..primitives import uint8_act_per_token_offset, unpack_int4_lo_first
 from ._util import quantized_engine
 
 __all__ = [
     "PREPACK_CACHE",
     "PrepackCache",
+    "c_op",
     "fbgemm_fp16_linear",
     "fbgemm_int8_linear",
     "int4pack_mm",
@@ -199,6 +201,21 @@ def tracing() -> bool:
     return _is_compiling() or _dispatch_depth() > 0
 
 
+@functools.cache
+def c_op(qualname: str) -> Callable[..., Any]:
+    """The C++ callable behind the default overload of ``torch.ops`` op `qualname` ("ns::name").
+
+    What eager calls use instead of ``torch.ops.ns.name(...)``: the Python ``__call__`` of an op
+    whose schema takes a TorchBind object (fbgemm's prepacked weights) walks every argument with
+    pytree looking for fake script objects, 9-10 us per call measured here (more than fbgemm's int8
+    kernel itself at M=1), and any other overload's adds one Python frame. Eager calls pass real
+    handles, so the check has nothing to find. Traced code never comes here (it calls the
+    registered custom ops). Falls back to the overload itself where torch has no ``_op``."""
+    ns, name = qualname.split("::")
+    overload = getattr(getattr(torch.ops, ns), name).default
+    return getattr(overload, "_op", overload)
+
+
 # ---- builders (what prepare() and a cache miss run) -----------------------------------------------
 def _build_onednn(w: Tensor) -> Tensor:
     # batch-size hint None: a layout independent of M (see float.py).
@@ -257,28 +274,28 @@ def _handle(kind: str, *sources: Tensor) -> Any:
 
 # ---- the ops: Python bodies, registered ops, fake impls -------------------------------------------
 def _onednn_linear_impl(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, _handle("onednn", w), bias, "none", [], "")
+    return c_op("mkldnn::_linear_pointwise")(x, _handle("onednn", w), bias, "none", [], "")
 
 
 def _fbgemm_fp16_impl(x: Tensor, w: Tensor) -> Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, _handle("fbgemm_fp16", w))
+    return c_op("quantized::linear_dynamic_fp16")(x, _handle("fbgemm_fp16", w))
 
 
 def _fbgemm_int8_impl(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     # reduce_range=True: 7-bit activation codes (int16 pair saturation on AVX2, see int8_dynamic.py).
-    return torch.ops.quantized.linear_dynamic(x, _handle("fbgemm_int8", w_int8, w_scale), True)
+    return c_op("quantized::linear_dynamic")(x, _handle("fbgemm_int8", w_int8, w_scale), True)
 
 
 def _onednn_qlinear_impl(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     packed, w_zp = _handle("onednn_int8", w_int8, w_scale)
     # x_scale 1.0: the caller applies the per-token scales after (see int8_dynamic.py).
-    return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, x_zero_point, packed, w_scale, w_zp,
-                                              None, 1.0, 0, torch.float32, "none", [], "")
+    return c_op("onednn::qlinear_pointwise")(x_u8, 1.0, x_zero_point, packed, w_scale, w_zp,
+                                             None, 1.0, 0, torch.float32, "none", [], "")
 
 
 def _int4pack_impl(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, _handle("int4pack", w_int4), group_size,
-                                                      scales_and_zeros)
+    return c_op("aten::_weight_int4pack_mm_for_cpu")(x, _handle("int4pack", w_int4), group_size,
+                                                     scales_and_zeros)
 
 
 _OPTS = {"mutates_args": (), "device_types": "cpu"}
@@ -345,14 +362,14 @@ def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     if tracing():
         return _onednn_linear_op(x, w, bias)
     handle = PREPACK_CACHE.get("onednn", (w,), _build_onednn)
-    return torch.ops.mkldnn._linear_pointwise(x, handle, bias, "none", [], "")
+    return c_op("mkldnn::_linear_pointwise")(x, handle, bias, "none", [], "")
 
 
 def fbgemm_fp16_linear(x: Tensor, w: Tensor) -> Tensor:
     """float32 `x` [M, K] times the fp16 weight `w` [N, K], float32 accumulation and output."""
     if tracing():
         return _fbgemm_fp16_op(x, w)
-    return torch.ops.quantized.linear_dynamic_fp16(x, PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16))
+    return c_op("quantized::linear_dynamic_fp16")(x, PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16))
 
 
 def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
@@ -360,7 +377,7 @@ def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     if tracing():
         return _fbgemm_int8_op(x, w_int8, w_scale)
     handle = PREPACK_CACHE.get("fbgemm_int8", (w_int8, w_scale), _build_fbgemm_int8)
-    return torch.ops.quantized.linear_dynamic(x, handle, True)
+    return c_op("quantized::linear_dynamic")(x, handle, True)
 
 
 def onednn_qlinear(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
@@ -375,28 +392,30 @@ def int4pack_mm(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size:
     if tracing():
         return _int4pack_op(x, w_int4, scales_and_zeros, group_size)
     handle = PREPACK_CACHE.get("int4pack", (w_int4,), _build_int4)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, handle, group_size, scales_and_zeros)
+    return c_op("aten::_weight_int4pack_mm_for_cpu")(x, handle, group_size, scales_and_zeros)
 
 
 # ---- eager fast paths: one closure per finalized layer ---------------------------------------------
 # A finalized layer in eager mode calls one of these closures instead of going through
-# candidate.linear -> kernel helper -> op wrapper (each Python frame costs ~1-2 us right after a
-# large C++ kernel). The closure reads the layer's buffer dict at call time, so a buffer replaced
-# by load_state_dict(assign=True) is seen; the prepack cache still checks identity and version.
-# The caller guarantees: eager mode (not traced), x in the dtype the closure was made for; any
-# number of leading dims and any strides (the oneDNN and fbgemm ops fold them themselves; the int4
-# closure reshapes). The factories return None where the layer's dtypes do not line up exactly
-# (the generic path runs).
+# candidate.linear -> kernel helper -> op wrapper (each Python frame costs ~0.5-1 us right after a
+# large C++ kernel). The closure calls the C++ op itself (`c_op`), reads the layer's buffer dict at
+# call time, so a buffer replaced by load_state_dict(assign=True) is seen; the prepack cache still
+# checks identity and version. The caller guarantees: eager mode (not traced), x in the dtype the
+# closure was made for; any number of leading dims and any strides (the oneDNN, fbgemm and aten
+# ops fold them themselves; the int4, int8pack and oneDNN int8 closures reshape). The factories
+# return None where the layer's dtypes or device do not line up exactly (the generic path runs).
 def _on_cpu(*ts: Tensor | None) -> bool:
     return all(t is None or t.device.type == "cpu" for t in ts)
 
 
 class _Memo:
-    """The last handle a layer's closure used, and the exact source tensors (identity, version,
-    data pointer) it was valid for: a hit costs a few attribute reads instead of a cache lookup.
-    A miss (new buffer, in-place write, ``.data`` swap, inference tensors) asks PREPACK_CACHE.
+    """The last handle a layer's closure used, and the exact source tensors it was valid for: their
+    identities, the anchor's (weight's) version and data pointer, the other sources' versions. A
+    hit costs a few attribute reads instead of a cache lookup. A miss (new buffer, in-place write,
+    ``.data`` swap of the weight, inference tensors) asks PREPACK_CACHE, which checks everything.
     Each closure writes the hit test out inline rather than calling a method: a call is one more
-    Python frame per layer call, which is what these closures exist to save."""
+    Python frame per layer call, which is what these closures exist to save (and each tensor
+    attribute read costs ~0.3 us right after a kernel, so the test reads only what can change)."""
 
     __slots__ = ("handle", "sources", "stamp")
 
@@ -408,7 +427,7 @@ class _Memo:
     def refill(self, kind: str, sources: tuple[Tensor, ...], build: Callable[..., Any]) -> Any:
         handle = PREPACK_CACHE.get(kind, sources, build)
         try:
-            stamp = tuple(v for t in sources for v in (t._version, t.data_ptr()))
+            stamp = (sources[0]._version, sources[0].data_ptr(), *(t._version for t in sources[1:]))
         except RuntimeError:  # inference tensors have no version: always ask the cache
             self.handle, self.sources, self.stamp = None, (), ()
             return handle
@@ -416,11 +435,44 @@ class _Memo:
         return handle
 
 
-def eager_onednn_linear(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+def _folded(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`run` on `x` folded to a contiguous [M, K], the result unfolded (kernels that need 2-D)."""
+    y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
+    return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+
+def eager_aten_linear(buffers: dict[str, Tensor], dtype: torch.dtype,
+                      compute: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | None:
+    """F.linear on the layer's own weight and bias (the float baseline as a finalized layer); with
+    `compute` set, x and the bias are cast to it around the kernel and the output cast back."""
+    cd = compute or dtype
     w, b = buffers["weight"], buffers.get("bias")
-    if w.dtype != dtype or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
+    if w.dtype != cd or (b is not None and b.dtype not in (dtype, cd)):
         return None
-    op, memo = torch.ops.mkldnn._linear_pointwise.default, _Memo()
+    # What F.linear is. A strided x is made contiguous first, as the generic path does (BLAS on a
+    # transposed operand sums in another order: the same layer would give other low bits).
+    linear = torch._C._nn.linear
+    if cd == dtype:
+        def run(x: Tensor) -> Tensor:
+            return linear(x if x.is_contiguous() else x.contiguous(), buffers["weight"], buffers["bias"])
+        return run
+
+    def run_cast(x: Tensor) -> Tensor:
+        bias = buffers["bias"]
+        xc = x.to(cd)
+        xc = xc if xc.is_contiguous() else xc.contiguous()
+        return linear(xc, buffers["weight"], None if bias is None else bias.to(cd)).to(dtype)
+
+    return run_cast
+
+
+def eager_onednn_linear(buffers: dict[str, Tensor], dtype: torch.dtype,
+                        compute: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | None:
+    cd = compute or dtype
+    w, b = buffers["weight"], buffers.get("bias")
+    if w.dtype != cd or (b is not None and b.dtype not in (dtype, cd)) or not _on_cpu(w, b):
+        return None
+    op, memo, cast = c_op("mkldnn::_linear_pointwise"), _Memo(), cd != dtype
 
     def run(x: Tensor) -> Tensor:
         w = buffers["weight"]
@@ -429,16 +481,22 @@ def eager_onednn_linear(buffers: dict[str, Tensor], dtype: torch.dtype) -> Calla
             h = memo.handle
         else:
             h = memo.refill("onednn", (w,), _build_onednn)
-        return op(x, h, buffers["bias"], "none", [], "")
+        if not cast:
+            return op(x, h, buffers["bias"], "none", [], "")
+        bias = buffers["bias"]
+        return op(x.to(cd), h, None if bias is None else bias.to(cd), "none", [], "").to(dtype)
 
     return run
 
 
 def eager_fbgemm_fp16(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    """fbgemm fp16 (float32 activations): x of another float dtype is cast to float32 and the
+    output back, the bias added in float32 before that."""
     w, b = buffers["weight"], buffers.get("bias")
-    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
+    f32 = torch.float32
+    if not dtype.is_floating_point or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
         return None
-    op, memo = torch.ops.quantized.linear_dynamic_fp16.default, _Memo()
+    op, memo, cast = c_op("quantized::linear_dynamic_fp16"), _Memo(), dtype != f32
 
     def run(x: Tensor) -> Tensor:
         w = buffers["weight"]
@@ -447,9 +505,11 @@ def eager_fbgemm_fp16(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
             h = memo.handle
         else:
             h = memo.refill("fbgemm_fp16", (w,), _build_fbgemm_fp16)
-        y = op(x, h)
+        y = op(x.to(f32) if cast else x, h)
         bias = buffers["bias"]
-        return y if bias is None else y.add_(bias)
+        if bias is not None:
+            y = y.add_(bias)
+        return y.to(dtype) if cast else y
 
     return run
 
@@ -458,12 +518,12 @@ def eager_fbgemm_int8(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
     w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
     if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
         return None
-    op, memo = torch.ops.quantized.linear_dynamic.default, _Memo()
+    op, memo = c_op("quantized::linear_dynamic"), _Memo()
 
     def run(x: Tensor) -> Tensor:
         w, s = buffers["w_int8"], buffers["w_scale"]
         src = memo.sources
-        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version, s.data_ptr()):
+        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version):
             h = memo.handle
         else:
             h = memo.refill("fbgemm_int8", (w, s), _build_fbgemm_int8)
@@ -478,12 +538,11 @@ def eager_int4pack(buffers: dict[str, Tensor], dtype: torch.dtype, group_size: i
     w, sz, b = buffers["w_int4"], buffers["scales_and_zeros"], buffers.get("bias")
     if sz.dtype != dtype or (b is not None and b.dtype != dtype) or not _on_cpu(w, sz, b):
         return None
-    op, memo = torch.ops.aten._weight_int4pack_mm_for_cpu.default, _Memo()
+    op, memo = c_op("aten::_weight_int4pack_mm_for_cpu"), _Memo()
 
     def run(x: Tensor) -> Tensor:
         if x.dim() != 2 or not x.is_contiguous():
-            y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
-            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+            return _folded(run, x)
         w = buffers["w_int4"]
         src = memo.sources
         if src and w is src[0] and memo.stamp == (w._version, w.data_ptr()):
@@ -497,27 +556,55 @@ def eager_int4pack(buffers: dict[str, Tensor], dtype: torch.dtype, group_size: i
     return run
 
 
-def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, quantize_x: Callable[[Tensor], tuple[Tensor, Tensor]],
-                      x_zero_point: int) -> Callable[[Tensor], Tensor] | None:
-    """oneDNN int8: `quantize_x` gives per-token uint8 codes (offset by `x_zero_point`) and scales;
-    the kernel returns float32 ``acc * w_scale``; then ``* x_scale + bias`` (as int8_dynamic does)."""
-    w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
-    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
+def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
+                   align: int) -> Callable[[Tensor], Tensor] | None:
+    """``torch._weight_int8pack_mm`` with the scales cast to `dtype` once (`scales`, the layer's
+    ``ScalesByDtype``: recast when ``w_scale`` changes); an x whose data is not `align`-byte
+    aligned is copied first (the CPU kernel's vector loads need it)."""
+    w, sc, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
+    if dtype not in scales.casts or (b is not None and b.dtype != dtype) or not _on_cpu(w, sc, b):
         return None
-    op, memo = torch.ops.onednn.qlinear_pointwise.default, _Memo()
+    op = torch._weight_int8pack_mm
 
     def run(x: Tensor) -> Tensor:
         if x.dim() != 2 or not x.is_contiguous():
-            y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
-            return y2.reshape(*x.shape[:-1], y2.shape[-1])
+            return _folded(run, x)
+        if x.data_ptr() % align:
+            x = x.clone()
+        sc = buffers["w_scale"]
+        stamp = scales.stamp
+        if sc is not scales.source or (stamp is not None and stamp != (sc._version, sc.data_ptr())):
+            scales.refill(sc)
+        y = op(x, buffers["w_int8"], scales.casts[dtype])
+        bias = buffers["bias"]
+        return y if bias is None else y.add_(bias)
+
+    return run
+
+
+def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, act_qmax: int,
+                      x_zero_point: int) -> Callable[[Tensor], Tensor] | None:
+    """oneDNN int8: per-token uint8 activation codes (``uint8_act_per_token_offset(x, act_qmax,
+    x_zero_point)``); the kernel returns float32 ``acc * w_scale``; then ``* x_scale + bias`` (as
+    int8_dynamic does)."""
+    w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
+    if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
+        return None
+    op, memo = c_op("onednn::qlinear_pointwise"), _Memo()
+    quantize_x = uint8_act_per_token_offset
+    f32 = torch.float32
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() != 2 or not x.is_contiguous():
+            return _folded(run, x)
         w, s = buffers["w_int8"], buffers["w_scale"]
         src = memo.sources
-        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version, s.data_ptr()):
+        if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version):
             h = memo.handle
         else:
             h = memo.refill("onednn_int8", (w, s), _build_onednn_int8)
-        xq, xs = quantize_x(x)
-        y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, torch.float32, "none", [], "").mul_(xs[:, None])
+        xq, xs = quantize_x(x, act_qmax, x_zero_point)
+        y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, f32, "none", [], "").mul_(xs[:, None])
         bias = buffers["bias"]
         return y if bias is None else y.add_(bias)
 

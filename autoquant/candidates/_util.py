@@ -106,13 +106,33 @@ def require_triton_op(name: str) -> Callable[..., Any]:
     return fn
 
 
-def scales_by_dtype(scale: Tensor) -> dict[torch.dtype, Tensor]:
-    """A float scale vector in each activation dtype, made once in ``prepare`` so no call casts it.
+class ScalesByDtype:
+    """A float scale vector cast to each activation dtype once, not per call, and recast when the
+    scale tensor changes (replaced, written in place: its version moves, or ``.data`` swapped).
 
     Kernels such as CPU ``_weight_int8pack_mm`` insist the scales share the activation dtype; the
-    packed state keeps them float32 and each reference mirrors the cast.
+    packed state keeps them float32 and each reference mirrors the cast. Eager closures read
+    ``source`` / ``stamp`` / ``casts`` inline (a method call per layer call costs a frame).
     """
-    return {dt: scale.to(dt) for dt in FLOAT_DTYPES}
+
+    __slots__ = ("casts", "source", "stamp")
+
+    def __init__(self, scale: Tensor) -> None:
+        self.refill(scale)
+
+    def refill(self, scale: Tensor) -> None:
+        self.source = scale
+        try:
+            self.stamp: tuple[int, int] | None = (scale._version, scale.data_ptr())
+        except RuntimeError:  # an inference tensor has no version: only a new tensor is noticed
+            self.stamp = None
+        self.casts = {dt: scale.to(dt) for dt in FLOAT_DTYPES}
+
+    def get(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        if scale is not self.source or (self.stamp is not None and self.stamp != (scale._version, scale.data_ptr())):
+            self.refill(scale)
+        cast = self.casts.get(dtype)
+        return scale.to(dtype) if cast is None else cast
 
 
 def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:

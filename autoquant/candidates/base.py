@@ -41,12 +41,24 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from ..keys import OpShape, canonical_json
 from ._cpu_ops import tracing as _tracing
 
-_is_compiling = torch.compiler.is_compiling
+# Eager-path test of every layer call: ``is_dynamo_compiling`` is one Python frame returning False
+# (``is_compiling`` is two), and dynamo folds it to True; everything else that runs this Python
+# while tracing (torch.export non-strict, fake tensors, make_fx) has a dispatch mode on the stack.
+_is_compiling = torch.compiler.is_dynamo_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
+# nn.Module's process-wide hook registries (torch.nn.modules.module.register_module_forward_hook
+# and friends fill them in place; torch never rebinds them): QuantizedLinear.__call__ takes its
+# shortcut only while all four are empty, as nn.Module.__call__ does.
+_GLOBAL_HOOKS = (_nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks,
+                 _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks)
+_G_FWD_PRE, _G_FWD, _G_BWD_PRE, _G_BWD = _GLOBAL_HOOKS
+# Attributes QuantizedLinear's shortcut state is made from: setting any of them rebuilds it.
+_HOT_INPUTS = frozenset({"_eager", "act_dtype", "tuned_m", "in_features", "forward", "_compiled_call_impl"})
 
 __all__ = ["Candidate", "QuantizedLinear", "candidate_from_json", "families", "get_family", "register"]
 
@@ -206,7 +218,7 @@ class QuantizedLinear(nn.Module):
         self.unseen_m: dict[int, int] = {}
         self._runtime = candidate.prepare(packed)
         self._linear = candidate.linear if candidate.traceable else torch.compiler.disable(candidate.linear)
-        self._eager = self._make_eager()
+        self._eager = self._make_eager()  # also sets self._hot (see __setattr__)
 
     def _make_eager(self) -> Callable[[Tensor], Tensor] | None:
         if self.act_dtype is None:
@@ -225,6 +237,45 @@ class QuantizedLinear(nn.Module):
         """Rebuild runtime-only state after buffers were replaced (load, `.to()`)."""
         self._runtime = self.candidate.prepare(self.packed())
         self._eager = self._make_eager()
+
+    # ---- the eager shortcut's state ---------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _HOT_INPUTS:
+            self._refresh_hot()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in _HOT_INPUTS:
+            self._refresh_hot()
+
+    def _refresh_hot(self) -> None:
+        """Rebuild ``_hot``: what ``__call__`` needs per call, in one tuple, or None where it must
+        go through nn.Module.__call__ (no closure, ``forward`` replaced on the instance, e.g. by
+        an offloading library, or compiled in place by ``.compile()``). Attribute reads on an
+        nn.Module are slow (its ``__getattr__`` defeats CPython's attribute caches): the shortcut
+        reads one. The hook dicts are the layer's own (hooks are added to them in place)."""
+        d = self.__dict__
+        fast = d.get("_eager")
+        if fast is None or "forward" in d or d.get("_compiled_call_impl") is not None or "act_dtype" not in d:
+            hot = None
+        else:
+            tuned = d.get("tuned_m")
+            k = d["in_features"]
+            hot = (fast, d["act_dtype"], d["_forward_pre_hooks"], d["_forward_hooks"], d["_backward_pre_hooks"],
+                   d["_backward_hooks"], frozenset(m * k for m in tuned) if tuned else None, k)
+        object.__setattr__(self, "_hot", hot)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The closures read this object's buffer dict: a copy (copy.deepcopy, pickle) makes its own.
+        state = super().__getstate__()  # a copy of __dict__
+        state.pop("_eager", None)
+        state.pop("_hot", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.refresh_runtime()
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         def keep_dtype(t: Tensor) -> Tensor:
@@ -250,10 +301,33 @@ class QuantizedLinear(nn.Module):
         buffers = self._buffers
         return self._linear(x2, buffers, self._runtime, buffers["bias"])
 
+    def __call__(self, x: Any) -> Any:
+        # Eager shortcut. nn.Module.__call__ spends two Python frames (_wrapped_call_impl,
+        # _call_impl), a tracing-state query, eight hook tests and forward's own frame before
+        # the kernel: 4-5 us per call here, as much as a small kernel. Where it would do nothing
+        # but call forward (no hooks on this layer or process-wide, forward not replaced, not
+        # compiled in place) and x is an eager tensor of the tuned dtype, the kernel's closure
+        # runs from here. Traced (torch.compile inlines this method and folds is_dynamo_compiling;
+        # torch.export, fake tensors and make_fx run under a dispatch mode): nn.Module.__call__.
+        hot = self._hot
+        if hot is not None and not (_G_FWD_PRE or _G_FWD or _G_BWD_PRE or _G_BWD or _is_compiling()
+                                    or _dispatch_depth()):
+            fast, dtype, fpre, fwd, bpre, bwd, tuned, k = hot
+            if x.dtype is dtype and not (fpre or fwd or bpre or bwd):
+                try:
+                    y = fast(x)
+                except Exception:  # noqa: BLE001 - the generic path says what is wrong, or runs it
+                    return self._general(x)
+                if tuned is not None:
+                    n = x.numel()
+                    if n not in tuned:
+                        self._note_unseen(n // k)
+                return y
+        return super().__call__(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        # Eager fast path: one closure over the buffers (any rank and strides), when the kernel
-        # has one and x has the tuned dtype. Every Python step here costs ~1 us (it runs right
-        # after a large C++ kernel has evicted the interpreter's caches), so it is kept short.
+        # Eager fast path (what __call__ does itself when no hook is set): one closure over the
+        # buffers (any rank and strides), when the kernel has one and x has the tuned dtype.
         fast = self._eager
         if fast is not None and x.dtype is self.act_dtype and not (_is_compiling() or _dispatch_depth()):
             try:

@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape, parse_dtype
-from ._cpu_ops import eager_fbgemm_fp16, eager_onednn_linear, fbgemm_fp16_linear, onednn_linear, prepack
+from ._cpu_ops import (
+    eager_aten_linear,
+    eager_fbgemm_fp16,
+    eager_onednn_linear,
+    fbgemm_fp16_linear,
+    onednn_linear,
+    prepack,
+)
 from ._util import (
     FLOAT_DTYPES,
     FLOAT_NAMES,
@@ -168,13 +175,12 @@ class FloatCandidate(Candidate):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        if self._compute(dtype) != dtype:
-            return None  # a cast around the kernel: the generic path
+        cd = self._compute(dtype)
         if self.kernel == "onednn":
-            return eager_onednn_linear(buffers, dtype)
+            return eager_onednn_linear(buffers, dtype, cd)
         if self.kernel == "fbgemm_fp16":
-            return eager_fbgemm_fp16(buffers, dtype)
-        return None
+            return eager_fbgemm_fp16(buffers, dtype) if cd == torch.float32 else None
+        return eager_aten_linear(buffers, dtype, cd)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         cd = self._compute(x.dtype)

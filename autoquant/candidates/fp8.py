@@ -62,6 +62,20 @@ def _dequant_linear(x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def _eager_dequant(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    """``_dequant_linear`` for x of `dtype` (bias kept in it), strided x made contiguous first."""
+    b = buffers.get("bias")
+    if b is not None and b.dtype != dtype:
+        return None
+    linear = torch._C._nn.linear
+
+    def run(x: Tensor) -> Tensor:
+        w = buffers["w_fp8"].to(dtype) * buffers["w_scale"].to(dtype)[:, None]
+        return linear(x if x.is_contiguous() else x.contiguous(), w, buffers["bias"])
+
+    return run
+
+
 @register
 @dataclass(frozen=True)
 class Fp8WeightOnly(Candidate):
@@ -91,6 +105,9 @@ class Fp8WeightOnly(Candidate):
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         return _dequant_linear(x, packed, bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return _eager_dequant(buffers, dtype)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         return _dequant_linear(x, packed, bias)
@@ -140,9 +157,6 @@ class Fp8Dynamic(Candidate):
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         return quantize_fp8_nk_rowscale(weight)
 
-    def prepare(self, packed: dict[str, Tensor]) -> Any:
-        # _scaled_mm wants scale_b as a contiguous [1, N] float32 tensor: a view of w_scale.
-        return packed["w_scale"].reshape(1, -1)
 
     def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], runtime: Any,
                 bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -151,7 +165,9 @@ class Fp8Dynamic(Candidate):
             return fn(xq, xs, packed["w_fp8"], packed["w_scale"], bias, out_dtype=out_dtype)
         mm_dtype = torch.bfloat16 if xq.is_cuda else out_dtype
         fuse_bias = bias is not None and mm_dtype == out_dtype
-        scale_b = runtime if runtime is not None else packed["w_scale"].reshape(1, -1)
+        # _scaled_mm wants scale_b as a contiguous [1, N] float32 tensor: a view of w_scale, made
+        # per call (a kept view would miss a w_scale replaced or swapped under the layer).
+        scale_b = packed["w_scale"].reshape(1, -1)
         y = torch._scaled_mm(xq, packed["w_fp8"].t(), scale_a=xs[:, None], scale_b=scale_b,
                              bias=bias.to(out_dtype) if fuse_bias else None, out_dtype=mm_dtype)
         if not fuse_bias:
@@ -161,6 +177,23 @@ class Fp8Dynamic(Candidate):
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         xq, xs = fp8_per_row(x)
         return self._matmul(xq, xs, packed, runtime, bias, x.dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        """CPU ``_scaled_mm`` with the bias fused (out_dtype = x's dtype there); other devices and
+        the Triton kernel take the generic path."""
+        w, b = buffers["w_fp8"], buffers.get("bias")
+        if self.kernel != "scaled_mm" or w.device.type != "cpu" or (b is not None and b.dtype != dtype):
+            return None
+        scaled_mm = torch._scaled_mm
+
+        def run(x: Tensor) -> Tensor:
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            xq, xs = fp8_per_row(x2)
+            y = scaled_mm(xq, buffers["w_fp8"].t(), scale_a=xs[:, None], scale_b=buffers["w_scale"].reshape(1, -1),
+                          bias=buffers["bias"], out_dtype=dtype)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+        return run
 
     def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
                     bias: Tensor | None) -> Callable[[], Tensor] | None:

@@ -197,8 +197,7 @@ class Int8Dynamic(Candidate):
         if self.kernel == "fbgemm":
             return eager_fbgemm_int8(buffers, dtype)
         if self.kernel == "onednn":
-            return eager_onednn_int8(buffers, dtype, lambda x: uint8_act_per_token_offset(x, ONEDNN_ACT_QMAX, ONEDNN_ZP),
-                                     ONEDNN_ZP)
+            return eager_onednn_int8(buffers, dtype, ONEDNN_ACT_QMAX, ONEDNN_ZP)
         return None
 
     def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,

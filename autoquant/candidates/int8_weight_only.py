@@ -31,6 +31,7 @@ Kernels:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import int8_weight_per_channel
-from ._cpu_ops import tracing
+from ._cpu_ops import eager_int8pack, tracing
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -49,7 +50,7 @@ from ._util import (
     not_cuda_reason,
     op_dtype,
     require_triton_op,
-    scales_by_dtype,
+    ScalesByDtype,
     triton_op,
 )
 from .base import Candidate, register
@@ -125,21 +126,34 @@ class Int8WeightOnly(Candidate):
             reason = _cpu_k_reason(q.shape[1]) if q.device.type == "cpu" else None
             if reason:
                 raise ValueError(reason)  # at build / load time, instead of a crash on the first call
-            return scales_by_dtype(packed["w_scale"])
+            return ScalesByDtype(packed["w_scale"])
         return None
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         q, scale = packed["w_int8"], packed["w_scale"]
         if self.kernel == "int8pack":
-            s = runtime[x.dtype] if runtime is not None and x.dtype in runtime else scale.to(x.dtype)
-            if not tracing() and x.data_ptr() % CPU_INT8PACK_X_ALIGN:
-                x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
+            if runtime is None:
+                s = scale.to(x.dtype)
+            elif tracing():
+                # The cast made in prepare, as a constant: inductor's lowering of the CPU kernel
+                # wants a realized scale tensor, not a fused cast.
+                s = runtime.casts.get(x.dtype)
+                s = scale.to(x.dtype) if s is None else s
+            else:
+                s = runtime.get(scale, x.dtype)
+                if x.data_ptr() % CPU_INT8PACK_X_ALIGN:
+                    x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
             return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
         if self.kernel == "dequant":
             w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
             return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         fn = require_triton_op("int8_wo_mm")
         return fn(x, q, scale, bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        if self.kernel == "int8pack" and runtime is not None:
+            return eager_int8pack(buffers, runtime, dtype, CPU_INT8PACK_X_ALIGN)
+        return None
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         q, scale = packed["w_int8"], packed["w_scale"]
