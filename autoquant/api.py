@@ -30,7 +30,7 @@ from .report import TuningReport
 from .selection import LayerPlan, is_baseline, select_layer
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
-from .tune import ON_MISS, SafeStore, tune_ops
+from .tune import ON_MISS, SafeStore, _return_freed_memory, tune_ops
 
 __all__ = ["autoquant", "finalize", "report", "DEFAULT_CACHE", "get_report"]
 
@@ -288,7 +288,13 @@ def finalize(model: nn.Module) -> nn.Module:
         object.__delattr__(root, _SESSION_ATTR)
         raise
     plans, envs, store_desc, warnings_ = tuning
-    for name, lin in session.layers.items():
+    names = list(session.layers)
+    _return_freed_memory()  # what selection freed (its trial builds), before the winners are built
+    for name in names:
+        # Taken out of the session as it is swapped: the float layer (and its weight, unless the
+        # caller holds it) is freed before the next winner is built, so finalizing never holds
+        # the float model and the quantized one whole side by side.
+        lin = session.layers.pop(name)
         plan = plans[name]
         new = None
         try:
@@ -303,11 +309,13 @@ def finalize(model: nn.Module) -> nn.Module:
             copy_hooks(lin, new)
             new.train(lin.training)
             replace_module(root, name, new)
+        del lin, new
+        _return_freed_memory()
     for handle in session.hooks:
         handle.remove()
     object.__delattr__(root, _SESSION_ATTR)
     rep = TuningReport(
-        layers=[plans[n] for n in session.layers], skipped=dict(session.skipped), environments=envs,
+        layers=[plans[n] for n in names], skipped=dict(session.skipped), environments=envs,
         cost_model=session.config.cost_model, min_sqnr=session.config.min_sqnr, cache=store_desc,
         seconds=time.perf_counter() - started, warnings=warnings_,
     )

@@ -280,6 +280,9 @@ class _OpBench:
                 continue
             self.built[cand] = module
             self.owners.update({j.key: cand for j in jobs})
+            # The build's temporaries (float copies made while quantizing: up to ~3x the weight)
+            # go back to the OS now, so the next candidate's state does not pile up beside them.
+            _return_freed_memory()
 
     def copies_for(self, cands: Sequence[Candidate]) -> int:
         return copies_per_candidate([_state_bytes(self.built[c]) for c in cands if c in self.built], self.target)

@@ -50,3 +50,22 @@ def test_import_has_no_side_effects(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
                    timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+
+
+def test_describing_the_environment_does_not_import_triton(tmp_path):
+    """The cache key records Triton's version from package metadata: importing Triton would cost
+    every tuning process ~6 MiB and a second of startup, CPU-only ones included."""
+    code = (
+        "import importlib.metadata as md, sys, torch\n"
+        "from autoquant.hardware import environment\n"
+        "env = environment(torch.device('cpu'))\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+        "try:\n"
+        "    want = md.version('triton')\n"
+        "except md.PackageNotFoundError:\n"
+        "    want = ''\n"
+        "assert env.triton == want, (env.triton, want)\n"
+        "print(env.triton)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
