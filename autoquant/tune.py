@@ -115,7 +115,7 @@ def _synthetic(op: OpShape, device: torch.device) -> tuple[Tensor, Tensor | None
     """Weight, bias and rotated inputs for timing `op`; seeded by the shape so reruns agree."""
     gen = torch.Generator().manual_seed(op.m * 1_000_003 + op.k * 1009 + op.n)
     dtype = op.torch_dtype
-    weight = (torch.randn(op.n, op.k, generator=gen) * op.k ** -0.5).to(device=device, dtype=dtype)
+    weight = torch.randn(op.n, op.k, generator=gen).mul_(op.k ** -0.5).to(device=device, dtype=dtype)
     bias = (torch.randn(op.n, generator=gen) * 0.1).to(device=device, dtype=dtype) if op.bias else None
     nbytes = op.m * op.k * torch.finfo(dtype).bits // 8
     copies = 1 if nbytes >= _ROTATE_BELOW_BYTES or device.type == "cuda" else 3
@@ -269,15 +269,22 @@ class _OpBench:
         self.built.pop(cand, None)
 
     def build(self, cands: Sequence[Candidate]) -> None:
+        """Build and check each candidate. Candidates of one ``weight_format`` (int8 fbgemm, oneDNN
+        and int8pack; fp8 weight-only and dynamic) share one quantized copy of the weight: each
+        still has its own prepacked handle, which is what its kernel reads."""
+        shared: dict[str, dict[str, Tensor]] = {}
         for cand in cands:
+            fmt = cand.weight_format
             try:
-                module = cand.build(self.weight, self.bias)
+                module = cand.build(self.weight, self.bias, packed=shared.get(fmt) if fmt else None)
                 with torch.no_grad():
                     _check_output(module, self.xs[0], self.op)
                 jobs = _jobs_for(cand, self.op, self.env_hash, self.parts(cand), [module], self.xs)
             except Exception as exc:  # a failing candidate never takes tuning down
                 self.fail(cand, exc)
                 continue
+            if fmt and fmt not in shared and isinstance(module, QuantizedLinear):
+                shared[fmt] = module.packed()
             self.built[cand] = module
             self.owners.update({j.key: cand for j in jobs})
             # The build's temporaries (float copies made while quantizing: up to ~3x the weight)
@@ -431,6 +438,8 @@ def tune_ops(
             for c in cs:
                 results[op][c].reason = "not in the tuning cache (on_miss='baseline')"
         todo = {}
+    if todo:
+        _return_freed_memory()  # the warm run's and the cache lookup's leftovers, before any build
     bar = _progress(sum(len(c) for c in todo.values()), progress)
     started = time.perf_counter()
     for i, (op, cands) in enumerate(sorted(todo.items())):

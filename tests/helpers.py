@@ -88,13 +88,20 @@ def float_reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 # ---- candidate instances under test ---------------------------------------------------------------
 def all_instances(device_type: str, dtype: torch.dtype) -> list:
     """`default_candidates` for (device type, activation dtype) plus the instances it leaves out on
-    purpose (dequant fallback, lossy float compute dtypes), each once."""
-    from autoquant.candidates import FloatCandidate, Int8Dynamic, Int8WeightOnly, default_candidates
+    purpose (dequant fallback, lossy float compute dtypes, fp8 on CPU), each once."""
+    from autoquant.candidates import (
+        FloatCandidate,
+        Fp8Dynamic,
+        Fp8WeightOnly,
+        Int8Dynamic,
+        Int8WeightOnly,
+        default_candidates,
+    )
 
     cands = list(default_candidates(torch.device(device_type), dtype))
     cands.append(Int8WeightOnly("dequant"))
     if device_type == "cpu":
-        cands.append(Int8Dynamic("int_mm"))
+        cands += [Int8Dynamic("int_mm"), Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm")]
     if dtype == torch.float32:
         cands += [FloatCandidate("aten", "bfloat16"), FloatCandidate("aten", "float16")]
     return list(dict.fromkeys(cands))

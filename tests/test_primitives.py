@@ -165,3 +165,24 @@ def test_quantizers_agree_across_devices(device):
         for a, b in zip(on_cpu, on_dev):
             assert b.device.type == device.type
             assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_quantizers_by_row_blocks_match_one_pass(monkeypatch, dtype):
+    """Weights are quantized by blocks of rows to bound the float temporaries: the same bits as
+    quantizing the whole weight at once, uneven last block included."""
+    from autoquant.candidates import Int4WeightOnly
+
+    torch.manual_seed(0)
+    w = (torch.randn(37, 128) * 0.05).to(dtype)
+    w[5] = 0  # an all-zero row: the scale floor
+    whole = (P.int8_weight_per_channel(w), P.fp8_per_row(w), Int4WeightOnly("tinygemm_cpu", 32).quantize(w))
+    monkeypatch.setattr(P, "ROW_BLOCK_BYTES", 4 * 128 * 5)  # 5 rows per block: 8 blocks
+    assert len(P.row_blocks(37, 128)) == 8
+    (q, s), (q8, s8), int4 = whole
+    qb, sb = P.int8_weight_per_channel(w)
+    assert torch.equal(qb, q) and torch.equal(sb, s)
+    q8b, s8b = P.fp8_weight_per_row(w)
+    assert torch.equal(q8b.view(torch.uint8), q8.view(torch.uint8)) and torch.equal(s8b, s8)
+    int4b = Int4WeightOnly("tinygemm_cpu", 32).quantize(w)
+    assert all(torch.equal(int4b[k], int4[k]) for k in int4)

@@ -89,7 +89,12 @@ def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candida
     are in the list knowing ``supports()`` declines them here (e.g. CPU int_mm), so the report
     names the reason. Left out everywhere: ``int8_weight_only(kernel=dequant)``, which
     materializes the float weight on every call and can never beat the baseline (build it
-    explicitly when wanted). fp8_weight_only keeps its dequant kernel, its only one.
+    explicitly when wanted). fp8_weight_only keeps its dequant kernel, its only one, on CUDA.
+    Left out on CPU: both fp8 families. A CPU has no fp8 arithmetic: ``_scaled_mm`` is a reference
+    loop and the dequant kernel does F.linear plus a cast of the whole weight per call; measured
+    with benchmarks/bench_e2e.py (DemoMLP h=1024) they run 9-13x slower than fp32 F.linear at
+    M=1 and 2.5-3.2x slower at M=128, so timing them only cost tuning time and memory (two more
+    weight builds per op). Pass them in ``candidates=`` to time them anyway.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -103,5 +108,4 @@ def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candida
     out += [Int8WeightOnly("int8pack")]
     out += [Int8Dynamic("fbgemm"), Int8Dynamic("onednn"), Int8Dynamic("int_mm")]
     out += [Int4WeightOnly("tinygemm_cpu", g) for g in INT4_GROUP_SIZES]
-    out += [Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm")]
     return out

@@ -404,6 +404,8 @@ def int4pack_mm(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size:
 # closure was made for; any number of leading dims and any strides (the oneDNN, fbgemm and aten
 # ops fold them themselves; the int4, int8pack and oneDNN int8 closures reshape). The factories
 # return None where the layer's dtypes or device do not line up exactly (the generic path runs).
+# A closure must not refer to itself (e.g. to recurse on the folded input): that is a reference
+# cycle, and the layer's buffers would then outlive it until the garbage collector runs.
 def _on_cpu(*ts: Tensor | None) -> bool:
     return all(t is None or t.device.type == "cpu" for t in ts)
 
@@ -433,12 +435,6 @@ class _Memo:
             return handle
         self.handle, self.sources, self.stamp = handle, sources, stamp
         return handle
-
-
-def _folded(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`run` on `x` folded to a contiguous [M, K], the result unfolded (kernels that need 2-D)."""
-    y2 = run(x.reshape(-1, x.shape[-1]).contiguous())
-    return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 
 def eager_aten_linear(buffers: dict[str, Tensor], dtype: torch.dtype,
@@ -541,8 +537,10 @@ def eager_int4pack(buffers: dict[str, Tensor], dtype: torch.dtype, group_size: i
     op, memo = c_op("aten::_weight_int4pack_mm_for_cpu"), _Memo()
 
     def run(x: Tensor) -> Tensor:
+        lead = None
         if x.dim() != 2 or not x.is_contiguous():
-            return _folded(run, x)
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1]).contiguous()
         w = buffers["w_int4"]
         src = memo.sources
         if src and w is src[0] and memo.stamp == (w._version, w.data_ptr()):
@@ -551,7 +549,9 @@ def eager_int4pack(buffers: dict[str, Tensor], dtype: torch.dtype, group_size: i
             h = memo.refill("int4pack", (w,), _build_int4)
         y = op(x, h, group_size, buffers["scales_and_zeros"])
         bias = buffers["bias"]
-        return y if bias is None else y.add_(bias)
+        if bias is not None:
+            y = y.add_(bias)
+        return y if lead is None else y.reshape(*lead, y.shape[-1])
 
     return run
 
@@ -567,8 +567,10 @@ def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
     op = torch._weight_int8pack_mm
 
     def run(x: Tensor) -> Tensor:
+        lead = None
         if x.dim() != 2 or not x.is_contiguous():
-            return _folded(run, x)
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1]).contiguous()
         if x.data_ptr() % align:
             x = x.clone()
         sc = buffers["w_scale"]
@@ -577,7 +579,9 @@ def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
             scales.refill(sc)
         y = op(x, buffers["w_int8"], scales.casts[dtype])
         bias = buffers["bias"]
-        return y if bias is None else y.add_(bias)
+        if bias is not None:
+            y = y.add_(bias)
+        return y if lead is None else y.reshape(*lead, y.shape[-1])
 
     return run
 
@@ -595,8 +599,10 @@ def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, act_qmax: 
     f32 = torch.float32
 
     def run(x: Tensor) -> Tensor:
+        lead = None
         if x.dim() != 2 or not x.is_contiguous():
-            return _folded(run, x)
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1]).contiguous()
         w, s = buffers["w_int8"], buffers["w_scale"]
         src = memo.sources
         if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version):
@@ -606,6 +612,8 @@ def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, act_qmax: 
         xq, xs = quantize_x(x, act_qmax, x_zero_point)
         y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, f32, "none", [], "").mul_(xs[:, None])
         bias = buffers["bias"]
-        return y if bias is None else y.add_(bias)
+        if bias is not None:
+            y = y.add_(bias)
+        return y if lead is None else y.reshape(*lead, y.shape[-1])
 
     return run

@@ -171,10 +171,13 @@ class Candidate(ABC):
         return None
 
     # ---- helpers built on the protocol ------------------------------------------------------
-    def build(self, weight: Tensor, bias: Tensor | None) -> QuantizedLinear:
-        """The finalized layer for `weight` [N, K] (and `bias` [N] or None)."""
-        with torch.no_grad():
-            packed = self.quantize(weight.detach())
+    def build(self, weight: Tensor, bias: Tensor | None, packed: dict[str, Tensor] | None = None) -> QuantizedLinear:
+        """The finalized layer for `weight` [N, K] (and `bias` [N] or None). `packed`: this very
+        weight already quantized by a candidate of the same ``weight_format``, to share (the
+        tuner builds an op's candidates side by side: one int8 copy serves every int8 kernel)."""
+        if packed is None:
+            with torch.no_grad():
+                packed = self.quantize(weight.detach())
         b = None if bias is None else bias.detach().clone()
         return QuantizedLinear(self, packed, b, in_features=weight.shape[1], out_features=weight.shape[0],
                                act_dtype=weight.dtype)

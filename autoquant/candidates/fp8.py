@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape
-from ..primitives import fp8_per_row
+from ..primitives import fp8_per_row, fp8_weight_per_row
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -53,7 +53,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 
 def quantize_fp8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
-    q, scale = fp8_per_row(weight)
+    q, scale = fp8_weight_per_row(weight)
     return {"w_fp8": q.contiguous(), "w_scale": scale.contiguous()}
 
 

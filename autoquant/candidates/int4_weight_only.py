@@ -45,6 +45,7 @@ from ..primitives import (
     INT4_MID,
     int4_grouped_asym,
     pack_int4_lo_first,
+    row_blocks,
     swap_nibbles,
     unpack_int4_lo_first,
 )
@@ -139,11 +140,19 @@ class Int4WeightOnly(Candidate):
     # ---- packing ------------------------------------------------------------------------------------
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         qdtype = weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float32
-        q, scales, zeros = int4_grouped_asym(weight, self.group_size, qdtype)
-        return {
-            "w_int4": pack_int4_lo_first(q),
-            "scales_and_zeros": torch.stack([scales, zeros], dim=2).contiguous(),
-        }
+        n, k = weight.shape
+        if k % self.group_size:  # int4_grouped_asym says so for the whole weight
+            int4_grouped_asym(weight, self.group_size, qdtype)
+        # By blocks of rows (each row's codes depend on that row alone: the same bits as one
+        # call, with the int32 codes and float temporaries bounded; see primitives.row_blocks).
+        w_int4 = torch.empty((n, k // 2), dtype=torch.uint8, device=weight.device)
+        sz = torch.empty((k // self.group_size, n, 2), dtype=qdtype, device=weight.device)
+        for rows in row_blocks(n, k):
+            q, scales, zeros = int4_grouped_asym(weight[rows], self.group_size, qdtype)
+            w_int4[rows] = pack_int4_lo_first(q)
+            sz[:, rows, 0] = scales
+            sz[:, rows, 1] = zeros
+        return {"w_int4": w_int4, "scales_and_zeros": sz}
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
         w, sz = packed["w_int4"], packed["scales_and_zeros"]

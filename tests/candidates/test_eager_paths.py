@@ -222,3 +222,24 @@ def test_dispatch_linear_eager_path_is_bit_exact_on_both_sides():
             x2 = x.reshape(-1, 64).contiguous()
             want = cand.linear(x2, layer._buffers, runtime, layer.bias).reshape(*x.shape[:-1], 48)
             torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("cand", "dtype"), CASES, ids=IDS)
+def test_a_dropped_layer_frees_its_buffers_without_the_garbage_collector(cand, dtype):
+    """No reference cycle through the eager closures: a layer's weights are freed the moment the
+    layer is dropped (tuning builds and drops thousands of layers; finalize drops float ones)."""
+    import gc
+    import weakref
+
+    skip_unsupported(cand, dtype)
+    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+    layer(torch.randn(2, 3, 64).to(dtype))  # the folding path of every closure
+    layer(torch.randn(3, 64).to(dtype))
+    refs = [weakref.ref(t) for t in layer._buffers.values() if t is not None]
+    gc.disable()
+    try:
+        del layer
+        alive = [r() is not None for r in refs]
+    finally:
+        gc.enable()
+    assert not any(alive)

@@ -74,6 +74,36 @@ def test_float_weights_freed_and_baseline_layers_plain():
         assert not isinstance(lin.weight, AutoQuantizableLinearWeight)
 
 
+def test_finalize_frees_each_float_layer_before_building_the_next(monkeypatch):
+    """Finalizing never holds the float model and the quantized one whole side by side: a layer
+    swapped for its winner is gone (no reference left, no gc needed) before the next is built."""
+    import gc
+    import weakref
+
+    import autoquant.api as api
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]).eval()
+    refs = [weakref.ref(lin) for lin in model]
+    alive_at_build: list[int] = []
+    real_build = api.build_layer
+
+    def spy(plan, linear):
+        alive_at_build.append(sum(r() is not None for r in refs))
+        return real_build(plan, linear)
+
+    monkeypatch.setattr(api, "build_layer", spy)
+    gc.disable()
+    try:
+        autoquant(model, torch.randn(4, 64), cache=None, progress=False,
+                  timer=fake({("int8_dynamic", "fbgemm"): 1e-6}))
+    finally:
+        gc.enable()
+    assert all(isinstance(m, QuantizedLinear) for m in model)
+    assert alive_at_build == [4, 3, 2, 1]
+    assert all(r() is None for r in refs)
+
+
 def test_first_call_mode_returns_quantized_output():
     model = mlp()
     x = torch.randn(8, 64)

@@ -181,3 +181,23 @@ def test_copies_share_one_budget_per_op():
     assert copies_per_candidate([100], 0) == 1  # hot timing
     assert copies_per_candidate([], 4000) == 1
     assert copies_per_candidate([1], 1 << 30) == 256  # capped
+
+
+def test_candidates_of_one_weight_format_share_the_quantized_weight():
+    """An op's int8 kernels read one int8 copy of its weight (each its own prepacked handle), and
+    compute exactly what each would built alone."""
+    from autoquant.candidates import FloatCandidate, Int8Dynamic
+    from autoquant.config import TuneConfig
+    from autoquant.tune import Trial, _OpBench
+
+    op = OpShape(3, 64, 48, True, "float32")
+    cands = [FloatCandidate("aten"), Int8Dynamic("fbgemm"), Int8Dynamic("onednn")]
+    bench = _OpBench(op, "env", torch.device("cpu"), FakeTimer(lambda k: 1e-5), TuneConfig(),
+                     {c: Trial(c) for c in cands})
+    bench.build(cands)
+    fb, dnn = bench.built[cands[1]], bench.built[cands[2]]
+    assert fb.w_int8 is dnn.w_int8 and fb.w_scale is dnn.w_scale
+    x = bench.xs[0]
+    for cand in cands[1:]:
+        alone = cand.build(bench.weight, bench.bias)
+        assert torch.equal(bench.built[cand](x), alone(x))

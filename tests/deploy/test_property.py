@@ -10,11 +10,10 @@ dozen derandomized examples, well under 30 s.
 from __future__ import annotations
 
 import torch
-from helpers import accuracy_floor, float_reference, sqnr
+from helpers import accuracy_floor, all_instances, float_reference, sqnr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autoquant.candidates import default_candidates
 from autoquant.keys import OpShape
 
 CPU = torch.device("cpu")
@@ -51,7 +50,7 @@ def test_supported_candidates_meet_their_documented_accuracy(problem):
     ref = float_reference(x, w, b)
     op = OpShape(m, k, n, bias, str(dtype).removeprefix("torch."))
     ran = 0
-    for cand in default_candidates(CPU, dtype):
+    for cand in all_instances("cpu", dtype):
         reason = cand.supports(CPU, op)
         if reason is not None:
             assert isinstance(reason, str) and reason.strip(), f"{cand.name}: empty reason"
@@ -77,7 +76,7 @@ def test_leading_dims_and_layout_do_not_change_the_result(problem):
     op = OpShape(2 * m, k, n, bias, str(dtype).removeprefix("torch."))
     x3 = torch.stack([x, x.flip(0)])  # [2, M, K]
     xt = x3.reshape(-1, k).t().contiguous().t()  # same values, column-major
-    for cand in default_candidates(CPU, dtype):
+    for cand in all_instances("cpu", dtype):
         if cand.supports(CPU, op) is not None or cand.family == "fp8_dynamic":
             continue  # fp8_dynamic's CPU reference loop is slow; its layout handling is shared
         layer = cand.build(w, b)
