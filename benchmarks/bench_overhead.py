@@ -18,6 +18,7 @@ PyTorch itself ships.
 
     python benchmarks/bench_overhead.py            # K=N=256, 1 thread
     python benchmarks/bench_overhead.py --size 1024 --threads 2 --rounds 61
+    python benchmarks/bench_overhead.py --only onednn --rounds 401   # noisy rows, more rounds
 """
 
 from __future__ import annotations
@@ -202,10 +203,13 @@ def paired(layer_fn: Callable[[], Any], raw_fn: Callable[[], Any], rounds: int, 
     return statistics.median(raw), statistics.median(lay), med, q3 - q1
 
 
-def run(size: int, threads: int, rounds: int, block_s: float) -> list[tuple[str, float, float, float, float]]:
+def run(size: int, threads: int, rounds: int, block_s: float, only: str = ""
+        ) -> list[tuple[str, float, float, float, float]]:
     rows = []
     with fixed_threads(threads), torch.no_grad():
         for case in CASES:
+            if only and case.candidate is not None and only not in case.label:
+                continue
             layer, small = _layer(case, size, size)
             x = torch.randn(1, size).to(case.dtype)
             raw_fn = _raw(layer, small, x)
@@ -221,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=101)
     p.add_argument("--block-ms", type=float, default=2.0, help="length of one timed block")
+    p.add_argument("--only", default="", help="rows whose label contains this (the reference row always runs)")
     args = p.parse_args(argv)
-    rows = run(args.size, args.threads, args.rounds, args.block_ms * 1e-3)
+    rows = run(args.size, args.threads, args.rounds, args.block_ms * 1e-3, args.only)
     print(f"M=1, K=N={args.size}, {args.threads} thread(s), {args.rounds} paired rounds, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'kernel':46s} {'raw us':>8s} {'layer us':>9s} {'overhead us':>12s} {'IQR':>6s} {'x nn.Linear':>12s}")
