@@ -135,11 +135,14 @@ def runtime_bytes(model: nn.Module) -> int:
 
 
 # ---- models -----------------------------------------------------------------------------------------
+HIDDEN = 512  # DemoMLP's width (--hidden)
+
+
 def demo_mlp(dtype: torch.dtype) -> nn.Module:
     from autoquant.demo import DemoMLP
 
     torch.manual_seed(0)
-    return DemoMLP(hidden=512, blocks=4).to(dtype).eval()
+    return DemoMLP(hidden=HIDDEN, blocks=4).to(dtype).eval()
 
 
 def tiny_llama(dtype: torch.dtype) -> nn.Module:
@@ -234,14 +237,15 @@ def tune_peak(make: Callable[[torch.dtype], nn.Module], example: Callable[[], An
 def _examples(llama: bool) -> Callable[[], Any]:
     if llama:
         return lambda: torch.randint(0, 1024, (1, 16))
-    return lambda: torch.randn(16, 512)
+    return lambda: torch.randn(16, HIDDEN)
 
 
 def tune_runs(llama: bool, runs: int) -> list[dict[str, float]]:
     """`runs` tuning runs, each in a fresh process (a second run in one process would find the
     allocator and libraries warmed by the first): peak RSS varies run to run with where the
     allocator puts things, so one run is not a figure."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--tune-once"] + (["--llama"] if llama else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--tune-once", "--hidden", str(HIDDEN)]
+    cmd += ["--llama"] if llama else []
     out = []
     for _ in range(runs):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
@@ -253,26 +257,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llama", action="store_true", help="tiny LlamaForCausalLM (hidden 512) instead of DemoMLP")
     p.add_argument("--skip-tune", action="store_true", help="only the per-scheme table")
+    p.add_argument("--skip-table", action="store_true", help="only the tuning peak")
+    p.add_argument("--hidden", type=int, default=512, help="DemoMLP width (default 512; 2048: 0.5 GiB fp32)")
     p.add_argument("--runs", type=int, default=5, help="tuning runs, each in a fresh process (default 5)")
     p.add_argument("--tune-once", action="store_true", help=argparse.SUPPRESS)  # one run, JSON out
     args = p.parse_args(argv)
+    global HIDDEN
+    HIDDEN = args.hidden
     torch.set_num_threads(max(1, torch.get_num_threads()))
     make = tiny_llama if args.llama else demo_mlp
     if args.tune_once:
         print(json.dumps(tune_peak(make, _examples(args.llama))))
         return 0
-    label = "tiny Llama (hidden 512, 4 layers)" if args.llama else "DemoMLP(hidden=512, blocks=4)"
+    label = "tiny Llama (hidden 512, 4 layers)" if args.llama else f"DemoMLP(hidden={HIDDEN}, blocks=4)"
     f32 = state_bytes(make(F32))
     bf16 = state_bytes(make(BF16))
     print(f"{label}: float32 {f32 / MB:.2f} MiB, bf16 {bf16 / MB:.2f} MiB (parameters + buffers)")
-    print(f"{'scheme':42s} {'state MiB':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'runtime MiB':>12s} "
-          f"{'runtime/state':>14s}")
-    for name, dtype, cand in SCHEMES:
-        model = planned(make, dtype, cand)
-        sb = state_bytes(model)
-        rb = runtime_bytes(model)
-        print(f"{name:42s} {sb / MB:10.2f} {sb / f32:8.3f} {sb / bf16:8.3f} {rb / MB:12.2f} {rb / sb:14.3f}")
-        del model
+    if not args.skip_table:
+        print(f"{'scheme':42s} {'state MiB':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'runtime MiB':>12s} "
+              f"{'runtime/state':>14s}")
+        for name, dtype, cand in SCHEMES:
+            model = planned(make, dtype, cand)
+            sb = state_bytes(model)
+            rb = runtime_bytes(model)
+            print(f"{name:42s} {sb / MB:10.2f} {sb / f32:8.3f} {sb / bf16:8.3f} {rb / MB:12.2f} {rb / sb:14.3f}")
+            del model
     if args.skip_tune:
         return 0
     rs = tune_runs(args.llama, args.runs)
