@@ -84,14 +84,18 @@ def sqnr(ref: Tensor, actual: Tensor) -> float:
 # ---- int8, symmetric per output channel (weights) -------------------------------------------------
 # Weights are quantized a block of rows at a time. Every row's codes and scale depend on that row
 # alone, so the result is the same bit for bit, while the float32 temporaries (the cast, |w|, w /
-# scale) stay under a few times this size instead of growing with the weight: for a 4096 x 14336
-# bf16 weight they would be ~0.7 GiB, more than the weight and its quantized copy together.
+# scale) stay under a few times the block instead of growing with the weight: for a 4096 x 14336
+# bf16 weight they would be ~0.7 GiB, more than the weight and its quantized copy together. On a
+# GPU the blocks are larger: each costs a few kernel launches, and its memory is plentiful.
 ROW_BLOCK_BYTES = 2 << 20
+ROW_BLOCK_BYTES_CUDA = 64 << 20
 
 
-def row_blocks(n: int, k: int) -> list[slice]:
-    """Slices of consecutive rows of an [n, k] weight, each about ROW_BLOCK_BYTES in float32."""
-    rows = max(1, ROW_BLOCK_BYTES // (4 * max(k, 1)))
+def row_blocks(n: int, k: int, device: torch.device | None = None) -> list[slice]:
+    """Slices of consecutive rows of an [n, k] weight, each about ROW_BLOCK_BYTES (CPU) or
+    ROW_BLOCK_BYTES_CUDA in float32."""
+    block = ROW_BLOCK_BYTES_CUDA if device is not None and device.type == "cuda" else ROW_BLOCK_BYTES
+    rows = max(1, block // (4 * max(k, 1)))
     return [slice(r, min(n, r + rows)) for r in range(0, n, rows)]
 
 
@@ -105,7 +109,7 @@ def int8_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     n, k = w.shape
     q = torch.empty((n, k), dtype=torch.int8, device=w.device)
     scale = torch.empty(n, dtype=torch.float32, device=w.device)
-    for rows in row_blocks(n, k):
+    for rows in row_blocks(n, k, w.device):
         wf = w[rows].float()
         s = (wf.abs().amax(dim=1) / INT8_QMAX).clamp_min(SCALE_EPS)
         q[rows] = torch.div(wf, s[:, None]).round_().clamp_(-INT8_QMAX, INT8_QMAX)
@@ -278,7 +282,7 @@ def fp8_weight_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
     n, k = w.shape
     q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(n, dtype=torch.float32, device=w.device)
-    for rows in row_blocks(n, k):
+    for rows in row_blocks(n, k, w.device):
         q[rows], scale[rows] = fp8_per_row(w[rows])
     return q, scale
 

@@ -167,18 +167,21 @@ def test_quantizers_agree_across_devices(device):
             assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), name
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_weight_quantizers_by_row_blocks_match_one_pass(monkeypatch, dtype):
+def test_weight_quantizers_by_row_blocks_match_one_pass(monkeypatch, dtype, device):
     """Weights are quantized by blocks of rows to bound the float temporaries: the same bits as
     quantizing the whole weight at once, uneven last block included."""
     from autoquant.candidates import Int4WeightOnly
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU in this process")
     torch.manual_seed(0)
-    w = (torch.randn(37, 128) * 0.05).to(dtype)
+    w = (torch.randn(37, 128) * 0.05).to(device=device, dtype=dtype)
     w[5] = 0  # an all-zero row: the scale floor
     whole = (P.int8_weight_per_channel(w), P.fp8_per_row(w), Int4WeightOnly("tinygemm_cpu", 32).quantize(w))
-    monkeypatch.setattr(P, "ROW_BLOCK_BYTES", 4 * 128 * 5)  # 5 rows per block: 8 blocks
-    assert len(P.row_blocks(37, 128)) == 8
+    monkeypatch.setattr(P, "ROW_BLOCK_BYTES_CUDA" if device == "cuda" else "ROW_BLOCK_BYTES", 4 * 128 * 5)
+    assert len(P.row_blocks(37, 128, w.device)) == 8  # 5 rows per block
     (q, s), (q8, s8), int4 = whole
     qb, sb = P.int8_weight_per_channel(w)
     assert torch.equal(qb, q) and torch.equal(sb, s)

@@ -147,7 +147,7 @@ class Int4WeightOnly(Candidate):
         # call, with the int32 codes and float temporaries bounded; see primitives.row_blocks).
         w_int4 = torch.empty((n, k // 2), dtype=torch.uint8, device=weight.device)
         sz = torch.empty((k // self.group_size, n, 2), dtype=qdtype, device=weight.device)
-        for rows in row_blocks(n, k):
+        for rows in row_blocks(n, k, weight.device):
             q, scales, zeros = int4_grouped_asym(weight[rows], self.group_size, qdtype)
             w_int4[rows] = pack_int4_lo_first(q)
             sz[:, rows, 0] = scales
