@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..primitives import uint8_act_per_token_offset, unpack_int4_lo_first
+from ..primitives import ACT_EPS, unpack_int4_lo_first
 from ._util import quantized_engine
 
 __all__ = [
@@ -588,32 +588,31 @@ def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
 
 def eager_onednn_int8(buffers: dict[str, Tensor], dtype: torch.dtype, act_qmax: int,
                       x_zero_point: int) -> Callable[[Tensor], Tensor] | None:
-    """oneDNN int8: per-token uint8 activation codes (``uint8_act_per_token_offset(x, act_qmax,
-    x_zero_point)``); the kernel returns float32 ``acc * w_scale``; then ``* x_scale + bias`` (as
-    int8_dynamic does)."""
+    """oneDNN int8: per-token uint8 activation codes, ``uint8_act_per_token_offset(x, act_qmax,
+    x_zero_point)`` written out here (x is float32 already; the [..., 1] scales are made once and
+    serve the rescale too); the kernel returns float32 ``acc * w_scale``; then ``* x_scale +
+    bias`` (as int8_dynamic does)."""
     w, s, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
     if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
         return None
     op, memo = c_op("onednn::qlinear_pointwise"), _Memo()
-    quantize_x = uint8_act_per_token_offset
-    f32 = torch.float32
+    f32, u8, eps, round_ = torch.float32, torch.uint8, ACT_EPS, torch.round
 
     def run(x: Tensor) -> Tensor:
-        lead = None
-        if x.dim() != 2 or not x.is_contiguous():
-            lead = x.shape[:-1]
-            x = x.reshape(-1, x.shape[-1]).contiguous()
+        # Any number of leading dims: the scales are per row of the last dim (keepdim), and the
+        # kernel folds leading dims itself (checked bit for bit against the 2-D call).
+        if not x.is_contiguous():
+            x = x.contiguous()
         w, s = buffers["w_int8"], buffers["w_scale"]
         src = memo.sources
         if src and w is src[0] and s is src[1] and memo.stamp == (w._version, w.data_ptr(), s._version):
             h = memo.handle
         else:
             h = memo.refill("onednn_int8", (w, s), _build_onednn_int8)
-        xq, xs = quantize_x(x, act_qmax, x_zero_point)
-        y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, f32, "none", [], "").mul_(xs[:, None])
+        xs = (x.abs().amax(dim=-1, keepdim=True) / act_qmax).clamp_min(eps)
+        xq = round_(x / xs).clamp_(-act_qmax, act_qmax).add_(x_zero_point).to(u8)
+        y = op(xq, 1.0, x_zero_point, h[0], s, h[1], None, 1.0, 0, f32, "none", [], "").mul_(xs)
         bias = buffers["bias"]
-        if bias is not None:
-            y = y.add_(bias)
-        return y if lead is None else y.reshape(*lead, y.shape[-1])
+        return y if bias is None else y.add_(bias)
 
     return run
