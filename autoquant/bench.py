@@ -51,10 +51,12 @@ class BenchConfig:
     # the same weight copy, so that every call reads its weights from memory as it does inside a
     # model whose other layers evict them (the CPU analogue of the L2 flush). The tuner spreads
     # this over copies of ALL the op's candidates, timed one pass each in turn, so it is what
-    # tuning holds in weight copies per op, not per candidate. None: half the last-level cache
-    # (measured on the reference machine, 2-core EPYC with 32 MiB L3: a 512x512 fp32 layer at M=1
-    # takes 40 us hot, 147 us at 0.5x the LLC, 130-154 us from 0.75x to 3x: the slowdown is
-    # complete at half); 0: one copy, hot caches.
+    # tuning holds in weight copies per op, not per candidate (and only for ops whose candidates
+    # together are smaller than it). None: the last-level cache. Measured on the reference
+    # machine (2-core EPYC VM, 32 MiB L3), a 512x512 fp32 layer at M=1 cycling over copies of
+    # its weight: 36-40 us/call up to 8 MiB of copies, 70-148 us (bimodal: sometimes hot) at
+    # 11-16 MiB, 112-150 at 24 MiB, 128-168 at 32 MiB, 149-173 at 48 MiB: only the whole LLC
+    # makes every call cold. 0: one copy, hot caches.
     cold_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,7 +71,7 @@ class BenchConfig:
         """Bytes of weight traffic between two calls on one weight copy (see `cold_bytes`)."""
         if self.cold_bytes is not None:
             return self.cold_bytes
-        return last_level_cache_bytes() // 2
+        return last_level_cache_bytes()
 
 
 _LLC_FALLBACK = 32 << 20

@@ -132,7 +132,7 @@ def test_cold_target_follows_the_last_level_cache():
 
     llc = last_level_cache_bytes()
     assert llc >= 1 << 20  # sysfs or the 32 MiB fallback: never zero
-    assert BenchConfig().cold_target_bytes() == llc // 2  # the slowdown is complete at half the LLC
+    assert BenchConfig().cold_target_bytes() == llc
     assert BenchConfig(cold_bytes=0).cold_target_bytes() == 0
     assert CpuTimer(BenchConfig(cold_bytes=123)).cold_bytes(torch.device("cpu")) == 123
     assert CountingTimer(CpuTimer(BenchConfig(cold_bytes=5))).cold_bytes(torch.device("cpu")) == 5
