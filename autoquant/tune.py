@@ -149,44 +149,65 @@ _PART_ORDER = {Timed.FULL: 0, Timed.RELU: 1, Timed.MATMUL: 2}
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
-    """Bytes one call of `module` reads: its buffers plus the prepacked handles held for them."""
+    """Bytes `module` holds: its buffers plus the prepacked handles held for them."""
     if not isinstance(module, QuantizedLinear):
         return 0
     buffers = list(module.buffers())
     return sum(t.nbytes for t in buffers) + PREPACK_CACHE.held_for(buffers)
 
 
-def copies_per_candidate(state_bytes: Sequence[int], target_bytes: int) -> int:
+def _read_bytes(module: torch.nn.Module) -> int:
+    """Bytes one call of `module` reads: its prepacked handle instead of the plain weight buffer
+    the handle is built from (the kernel never reads that one), and its other buffers."""
+    if not isinstance(module, QuantizedLinear):
+        return 0
+    buffers = list(module.buffers())
+    kind = module.candidate.prepack_kind
+    if kind is None:
+        return sum(t.nbytes for t in buffers)
+    anchors = {id(t) for t in PREPACK_CACHE.anchors(buffers, kind)}
+    return sum(t.nbytes for t in buffers if id(t) not in anchors) + PREPACK_CACHE.held_for(buffers, kind)
+
+
+def copies_per_candidate(read_bytes: Sequence[int], target_bytes: int) -> int:
     """How many weight copies each candidate of an op gets, so that one pass of every candidate
-    (each call on its next copy) reads about `target_bytes`: then a copy is read again only after
+    (each call on its next copy; `read_bytes`: what one call of each reads) reads about
+    `target_bytes`: then a copy is read again only after
     that many bytes of other weights, beyond the CPU's last-level cache, as inside a model whose
     other layers evict it (measured: a 512x512 fp32 layer at M=1 ties fbgemm int8 with hot caches
     and is 2x slower than it with cold ones). The budget is for the op, not per candidate."""
-    total = sum(state_bytes)
+    total = sum(read_bytes)
     if target_bytes <= 0 or total <= 0 or total >= target_bytes:
         return 1
     return min(_MAX_COPIES, -(-target_bytes // total))
 
 
 def _clones(module: QuantizedLinear, n: int) -> list[QuantizedLinear]:
-    """`module` and n - 1 copies of its weight state (each with its own prepacked handle). Each
-    buffer's copies are views of one block, so freeing them hands one allocation back instead of
-    leaving n small holes in the heap."""
+    """`module` and n - 1 copies of what its calls read, each a layer of its own (same kernel,
+    same eager path). A buffer a prepacked handle is built from is not read by the kernel: the
+    copies get views of it (new tensor objects, so each builds its own handle, on the same
+    bytes). Every other buffer is copied; each one's copies are views of one block, so freeing
+    them hands one allocation back instead of leaving n small holes in the heap."""
     if n <= 1 or not isinstance(module, QuantizedLinear):
         return [module]
     state = dict(module.packed())
     if module.bias is not None:
         state["bias"] = module.bias
+    kind = module.candidate.prepack_kind
+    anchored = {id(t) for t in PREPACK_CACHE.anchors(state.values(), kind)} if kind else set()
     blocks = {}
     for name, t in state.items():
+        if id(t) in anchored:
+            continue
         block = torch.empty((n - 1, *t.shape), dtype=t.dtype, device=t.device)
         block.copy_(t.unsqueeze(0).expand_as(block))
         blocks[name] = block
     copies = [module]
     for i in range(n - 1):
-        packed = {name: blocks[name][i] for name in module.packed()}
-        bias = blocks["bias"][i] if "bias" in blocks else None
-        copies.append(QuantizedLinear(module.candidate, packed, bias, module.in_features, module.out_features))
+        own = {name: blocks[name][i] if name in blocks else t.view_as(t) for name, t in state.items()}
+        bias = own.pop("bias", None)
+        copies.append(QuantizedLinear(module.candidate, own, bias, module.in_features, module.out_features,
+                                      act_dtype=module.act_dtype))
     return copies
 
 
@@ -292,7 +313,7 @@ class _OpBench:
             _return_freed_memory()
 
     def copies_for(self, cands: Sequence[Candidate]) -> int:
-        return copies_per_candidate([_state_bytes(self.built[c]) for c in cands if c in self.built], self.target)
+        return copies_per_candidate([_read_bytes(self.built[c]) for c in cands if c in self.built], self.target)
 
     def cold_jobs(self, cands: Sequence[Candidate], n: int) -> list[BenchJob]:
         """Jobs for `cands`, each over `n` weight copies; ordered by part so that a candidate's

@@ -199,7 +199,7 @@ def largest_op_budget(model: nn.Module, m: int) -> dict[str, float]:
     side by side, and of the cold weight copies the CPU timer adds for them."""
     from autoquant.bench import BenchConfig
     from autoquant.candidates import default_candidates
-    from autoquant.tune import _state_bytes, copies_per_candidate
+    from autoquant.tune import _read_bytes, _state_bytes, copies_per_candidate
 
     lin = max((mod for mod in model.modules() if isinstance(mod, nn.Linear)),
               key=lambda mod: mod.in_features * mod.out_features)
@@ -208,8 +208,9 @@ def largest_op_budget(model: nn.Module, m: int) -> dict[str, float]:
     built = [c.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach())
              for c in default_candidates(cpu, F32) if c.supports(cpu, op) is None]
     sizes = [_state_bytes(b) for b in built]
-    n = copies_per_candidate(sizes, BenchConfig().cold_target_bytes())
-    return {"op": op.label(), "candidates_mb": sum(sizes) / MB, "copies_mb": (n - 1) * sum(sizes) / MB,
+    reads = [_read_bytes(b) for b in built]  # what a copy holds: what a call reads
+    n = copies_per_candidate(reads, BenchConfig().cold_target_bytes())
+    return {"op": op.label(), "candidates_mb": sum(sizes) / MB, "copies_mb": (n - 1) * sum(reads) / MB,
             "copies_per_candidate": n}
 
 

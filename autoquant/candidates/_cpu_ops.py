@@ -169,10 +169,17 @@ class PrepackCache:
         """Bytes of the cached handles that are tensors (oneDNN, int4); fbgemm's are opaque."""
         return sum(e.tensor_bytes for e in list(self._entries.values()))
 
-    def held_for(self, tensors: Iterable[Tensor]) -> int:
-        """Bytes of the handles anchored on any of `tensors` (what a layer holds beyond its buffers)."""
+    def held_for(self, tensors: Iterable[Tensor], kind: str | None = None) -> int:
+        """Bytes of the handles anchored on any of `tensors` (what a layer holds beyond its
+        buffers); only those of `kind` when given (tensors shared by layers of several kinds)."""
         ids = {id(t) for t in tensors}
-        return sum(e.nbytes for (_, anchor), e in list(self._entries.items()) if anchor in ids)
+        return sum(e.nbytes for (k, anchor), e in list(self._entries.items())
+                   if anchor in ids and (kind is None or k == kind))
+
+    def anchors(self, tensors: Iterable[Tensor], kind: str) -> list[Tensor]:
+        """Those of `tensors` that a handle of `kind` is built from (keyed by)."""
+        keys = {a for k, a in list(self._entries) if k == kind}
+        return [t for t in tensors if id(t) in keys]
 
     def clear(self) -> None:
         with self._lock:

@@ -141,6 +141,13 @@ class Candidate(ABC):
         packed tensors (for M-dispatch). None: not shareable."""
         return None
 
+    @property
+    def prepack_kind(self) -> str | None:
+        """The ``_cpu_ops.PREPACK_CACHE`` kind of the opaque handle this kernel reads instead of its
+        plain weight buffer (the handle is anchored on that buffer), or None: it reads its
+        buffers. The tuner's cold timer counts and copies what a call reads."""
+        return None
+
     # ---- protocol ---------------------------------------------------------------------------
     @abstractmethod
     def supports(self, device: torch.device, op: OpShape) -> str | None: ...

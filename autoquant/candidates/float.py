@@ -122,6 +122,10 @@ class FloatCandidate(Candidate):
         # A dict lookup, not parse_dtype: this runs on every call (__post_init__ checked the name).
         return x_dtype if self.compute_dtype is None else _COMPUTE_DTYPES[self.compute_dtype]
 
+    @property
+    def prepack_kind(self) -> str | None:
+        return self.kernel if self.kernel in ("onednn", "fbgemm_fp16") else None
+
     # ---- protocol -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         x_dtype = op_dtype(op.dtype)

@@ -104,6 +104,10 @@ class Int4WeightOnly(Candidate):
     def weight_format(self) -> str | None:
         return f"int4_nk_g{self.group_size}"
 
+    @property
+    def prepack_kind(self) -> str | None:
+        return "int4pack" if self.kernel == "tinygemm_cpu" else None
+
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"int4_weight_only/{self.kernel}(G={self.group_size})"

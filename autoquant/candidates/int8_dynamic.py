@@ -111,6 +111,10 @@ class Int8Dynamic(Candidate):
     def weight_format(self) -> str | None:
         return INT8_FORMAT
 
+    @property
+    def prepack_kind(self) -> str | None:
+        return {"fbgemm": "fbgemm_int8", "onednn": "onednn_int8"}.get(self.kernel)
+
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"int8_dynamic/{self.kernel}"

@@ -142,23 +142,34 @@ def test_cold_target_follows_the_last_level_cache():
 
 
 def test_cold_copies_cycle_over_distinct_weights_with_equal_outputs():
-    """Each timed call of a candidate reads a different copy of its weights (so they come from
-    memory, not cache); the copies compute exactly what the original does."""
+    """Each timed call of a candidate reads a different copy of what it reads (so it comes from
+    memory, not cache); the copies compute exactly what the original does, on the same eager
+    path. A prepacked kernel reads its handle, not its plain weight: its copies have their own
+    handles over views of one plain weight; other kernels' copies have their own buffers."""
     from autoquant.candidates import get_family
-    from autoquant.tune import _clones, _jobs_for, _state_bytes, copies_per_candidate
+    from autoquant.candidates._cpu_ops import PREPACK_CACHE
+    from autoquant.tune import _clones, _jobs_for, _read_bytes, _state_bytes
 
     torch.manual_seed(0)
     cand = get_family("int8_dynamic")(kernel="fbgemm")
     layer = cand.build(torch.randn(48, 64), torch.randn(48))
     buffers = sum(t.nbytes for t in layer.buffers())
-    # fbgemm holds a prepacked copy of the int8 weight beside the buffers: counted too
+    # fbgemm holds a prepacked copy of the int8 weight beside the buffers: counted as held, and
+    # read instead of the int8 buffer
     assert _state_bytes(layer) >= buffers + 48 * 64
+    assert _read_bytes(layer) == _state_bytes(layer) - 48 * 64
     copies = _clones(layer, 5)
     assert len(copies) == 5 and copies[0] is layer
-    assert len({c.w_int8.data_ptr() for c in copies}) == 5
+    assert len({c.w_int8.data_ptr() for c in copies}) == 1  # views of one plain weight ...
+    handles = {id(PREPACK_CACHE.get("fbgemm_int8", (c.w_int8, c.w_scale), None)) for c in copies}
+    assert len(handles) == 5  # ... each with its own prepacked handle
+    assert len({c.bias.data_ptr() for c in copies}) == 5
+    assert all(c._hot is not None for c in copies)  # the same eager path as the layer
     x = torch.randn(3, 64)
     for c in copies:
         assert torch.equal(c(x), layer(x))
+    aten = get_family("float")(kernel="aten").build(torch.randn(48, 64), None)
+    assert len({c.weight.data_ptr() for c in _clones(aten, 3)}) == 3  # F.linear reads the weight
 
     seen = []
     for c in copies:
@@ -197,6 +208,13 @@ def test_candidates_of_one_weight_format_share_the_quantized_weight():
     bench.build(cands)
     fb, dnn = bench.built[cands[1]], bench.built[cands[2]]
     assert fb.w_int8 is dnn.w_int8 and fb.w_scale is dnn.w_scale
+    # what a call of each reads: its own handle (not the other's, built on the same int8 tensor)
+    from autoquant.candidates._cpu_ops import PREPACK_CACHE
+    from autoquant.tune import _read_bytes
+
+    small = fb.w_scale.nbytes + fb.bias.nbytes
+    assert _read_bytes(fb) == PREPACK_CACHE.held_for(list(fb.buffers()), "fbgemm_int8") + small
+    assert _read_bytes(dnn) == PREPACK_CACHE.held_for(list(dnn.buffers()), "onednn_int8") + small
     x = bench.xs[0]
     for cand in cands[1:]:
         alone = cand.build(bench.weight, bench.bias)
