@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .candidates import Candidate
+from .candidates import Candidate, is_baseline
 from .config import TuneConfig
 from .costmodel import Cost, Option, is_tie, pick, weighted_cost
 from .keys import OpShape
@@ -30,11 +30,6 @@ from .tune import Trial
 __all__ = ["CandidateRow", "LayerPlan", "Dispatch", "select_layer", "sqnr_db", "is_baseline"]
 
 log = logging.getLogger("autoquant")
-
-
-def is_baseline(c: Candidate) -> bool:
-    """The float baseline: F.linear in the model's own dtype."""
-    return c.family == "float" and c.kernel == "aten" and getattr(c, "compute_dtype", None) is None
 
 
 def sqnr_db(reference: Tensor, actual: Tensor) -> float:

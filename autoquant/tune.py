@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .bench import BenchJob, Timer
-from .candidates import Candidate, QuantizedLinear
+from .candidates import Candidate, QuantizedLinear, is_baseline
 from .candidates._cpu_ops import PREPACK_CACHE
 from .config import TuneConfig
 from .costmodel import Cost, op_cost, timed_parts
@@ -148,8 +148,22 @@ _MAX_COPIES = 256
 _PART_ORDER = {Timed.FULL: 0, Timed.RELU: 1, Timed.MATMUL: 2}
 
 
+def _plain_linear(weight: Tensor, bias: Tensor | None) -> torch.nn.Linear:
+    """An nn.Linear over `weight` and `bias` themselves (no copy, no initialisation): how a layer
+    the float baseline wins runs after finalize, and so how the baseline is timed (nn.Module's
+    own call path costs microseconds per call at M=1 that a QuantizedLinear's shortcut does not)."""
+    n, k = weight.shape
+    lin = torch.nn.Linear(k, n, bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
 def _state_bytes(module: torch.nn.Module) -> int:
-    """Bytes `module` holds: its buffers plus the prepacked handles held for them."""
+    """Bytes `module` holds: its tensors plus the prepacked handles held for them."""
+    if isinstance(module, torch.nn.Linear):
+        return sum(t.nbytes for t in module.parameters())
     if not isinstance(module, QuantizedLinear):
         return 0
     buffers = list(module.buffers())
@@ -158,9 +172,9 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 def _read_bytes(module: torch.nn.Module) -> int:
     """Bytes one call of `module` reads: its prepacked handle instead of the plain weight buffer
-    the handle is built from (the kernel never reads that one), and its other buffers."""
+    the handle is built from (the kernel never reads that one), and its other tensors."""
     if not isinstance(module, QuantizedLinear):
-        return 0
+        return _state_bytes(module)
     buffers = list(module.buffers())
     kind = module.candidate.prepack_kind
     if kind is None:
@@ -182,19 +196,23 @@ def copies_per_candidate(read_bytes: Sequence[int], target_bytes: int) -> int:
     return min(_MAX_COPIES, -(-target_bytes // total))
 
 
-def _clones(module: QuantizedLinear, n: int) -> list[QuantizedLinear]:
+def _clones(module: torch.nn.Module, n: int) -> list[torch.nn.Module]:
     """`module` and n - 1 copies of what its calls read, each a layer of its own (same kernel,
-    same eager path). A buffer a prepacked handle is built from is not read by the kernel: the
-    copies get views of it (new tensor objects, so each builds its own handle, on the same
-    bytes). Every other buffer is copied; each one's copies are views of one block, so freeing
-    them hands one allocation back instead of leaving n small holes in the heap."""
-    if n <= 1 or not isinstance(module, QuantizedLinear):
+    same call path: a QuantizedLinear or the baseline's plain nn.Linear). A buffer a prepacked
+    handle is built from is not read by the kernel: the copies get views of it (new tensor
+    objects, so each builds its own handle, on the same bytes). Every other tensor is copied;
+    each one's copies are views of one block, so freeing them hands one allocation back instead
+    of leaving n small holes in the heap."""
+    if n <= 1 or not isinstance(module, (QuantizedLinear, torch.nn.Linear)):
         return [module]
-    state = dict(module.packed())
+    if isinstance(module, QuantizedLinear):
+        state = dict(module.packed())
+        kind = module.candidate.prepack_kind
+        anchored = {id(t) for t in PREPACK_CACHE.anchors(state.values(), kind)} if kind else set()
+    else:
+        state, anchored = {"weight": module.weight.detach()}, set()
     if module.bias is not None:
-        state["bias"] = module.bias
-    kind = module.candidate.prepack_kind
-    anchored = {id(t) for t in PREPACK_CACHE.anchors(state.values(), kind)} if kind else set()
+        state["bias"] = module.bias.detach()
     blocks = {}
     for name, t in state.items():
         if id(t) in anchored:
@@ -206,13 +224,16 @@ def _clones(module: QuantizedLinear, n: int) -> list[QuantizedLinear]:
     for i in range(n - 1):
         own = {name: blocks[name][i] if name in blocks else t.view_as(t) for name, t in state.items()}
         bias = own.pop("bias", None)
-        copies.append(QuantizedLinear(module.candidate, own, bias, module.in_features, module.out_features,
-                                      act_dtype=module.act_dtype))
+        if isinstance(module, QuantizedLinear):
+            copies.append(QuantizedLinear(module.candidate, own, bias, module.in_features, module.out_features,
+                                          act_dtype=module.act_dtype))
+        else:
+            copies.append(_plain_linear(own["weight"], bias))
     return copies
 
 
 def _jobs_for(
-    cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], modules: Sequence[QuantizedLinear],
+    cand: Candidate, op: OpShape, env_hash: str, parts: Sequence[Timed], modules: Sequence[torch.nn.Module],
     xs: Sequence[Tensor],
 ) -> list[BenchJob]:
     """One job per timed part; each call goes to the next of `modules` (a pass: one call each)."""
@@ -297,7 +318,10 @@ class _OpBench:
         for cand in cands:
             fmt = cand.weight_format
             try:
-                module = cand.build(self.weight, self.bias, packed=shared.get(fmt) if fmt else None)
+                if is_baseline(cand):
+                    module: torch.nn.Module = _plain_linear(self.weight, self.bias)
+                else:
+                    module = cand.build(self.weight, self.bias, packed=shared.get(fmt) if fmt else None)
                 with torch.no_grad():
                     _check_output(module, self.xs[0], self.op)
                 jobs = _jobs_for(cand, self.op, self.env_hash, self.parts(cand), [module], self.xs)

@@ -22,7 +22,7 @@ from . import int4_weight_only as _int4  # noqa: F401
 from . import int8_dynamic as _int8_dynamic  # noqa: F401
 from . import int8_weight_only as _int8_weight_only  # noqa: F401
 from .base import Candidate, QuantizedLinear, candidate_from_json, families, get_family, register
-from .float import FloatCandidate
+from .float import FloatCandidate, is_baseline
 from .fp8 import Fp8Dynamic, Fp8WeightOnly
 from .int4_weight_only import Int4WeightOnly
 from .int8_dynamic import Int8Dynamic
@@ -41,6 +41,7 @@ __all__ = [
     "default_candidates",
     "families",
     "get_family",
+    "is_baseline",
     "register",
 ]
 

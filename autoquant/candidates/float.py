@@ -59,7 +59,7 @@ from ._util import (
 )
 from .base import Candidate, register
 
-__all__ = ["FloatCandidate"]
+__all__ = ["FloatCandidate", "is_baseline"]
 
 KERNELS = ("aten", "onednn", "fbgemm_fp16")
 _COMPUTE_DTYPES = dict(zip(FLOAT_NAMES, FLOAT_DTYPES))
@@ -81,6 +81,12 @@ def _fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines or (
         "x86" in torch.backends.quantized.supported_engines
     )
+
+
+def is_baseline(c: Candidate) -> bool:
+    """The float baseline: F.linear in the model's own dtype. A layer it wins stays (or goes back
+    to) a plain nn.Linear, so that is also what the tuner times for it."""
+    return c.family == "float" and c.kernel == "aten" and getattr(c, "compute_dtype", None) is None
 
 
 @register

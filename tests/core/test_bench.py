@@ -219,3 +219,15 @@ def test_candidates_of_one_weight_format_share_the_quantized_weight():
     for cand in cands[1:]:
         alone = cand.build(bench.weight, bench.bias)
         assert torch.equal(bench.built[cand](x), alone(x))
+    # The baseline is timed the way a layer it wins runs after finalize: a plain nn.Linear (over
+    # the op's weight itself), with cold copies like the others.
+    from autoquant.tune import _clones, _read_bytes
+
+    base = bench.built[cands[0]]
+    assert type(base) is torch.nn.Linear and base.weight.data_ptr() == bench.weight.data_ptr()
+    assert _read_bytes(base) == bench.weight.nbytes + bench.bias.nbytes
+    copies = _clones(base, 3)
+    assert [type(c) for c in copies] == [torch.nn.Linear] * 3
+    assert len({c.weight.data_ptr() for c in copies}) == 3
+    with torch.no_grad():
+        assert all(torch.equal(c(x), torch.nn.functional.linear(x, bench.weight, bench.bias)) for c in copies)
