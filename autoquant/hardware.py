@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["Environment", "environment", "software_versions", "AUTOQUANT_VERSION"]
 
-AUTOQUANT_VERSION = "0.2.1"
+AUTOQUANT_VERSION = "0.2.2"
 
 # CPU flags that decide which CPU kernels exist or are fast (fbgemm/oneDNN int8 paths, bf16 units).
 _CPU_FLAGS_OF_INTEREST = (
