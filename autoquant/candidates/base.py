@@ -197,7 +197,12 @@ class QuantizedLinear(nn.Module):
     and restores the shape. State dict = the packed tensors (+ bias): safetensors-friendly.
     Runtime state is rebuilt after ``.to()`` / ``_apply`` and after ``load_state_dict`` (in place
     or ``assign=True``); prepacked handles keyed by the weight tensor notice in-place writes on
-    their own.
+    their own. ``copy.deepcopy`` (and pickling) gives a layer with its own runtime state.
+
+    Calling the layer in eager mode runs the kernel's closure straight from ``__call__`` when
+    nn.Module.__call__ would do nothing else (no hooks, ``forward`` not replaced, not compiled in
+    place): a few microseconds less per call, the same result bit for bit. Hooks, torch.compile,
+    torch.export and fake tensors take the ordinary nn.Module path.
 
     ``act_dtype`` is the activation dtype the layer was tuned and built for. The packed buffers
     keep their dtypes through ``model.to(dtype)`` (a float32 scale squeezed into bfloat16 would
