@@ -47,7 +47,7 @@ from autoquant.candidates import (
     QuantizedLinear,
 )
 from autoquant.candidates._cpu_ops import _BUILDERS, PREPACK_CACHE, c_op
-from autoquant.finalize import DispatchLinear
+from autoquant.finalize import DispatchLinear, label
 from autoquant.primitives import ACT_EPS, fp8_per_row
 from autoquant.selection import Dispatch
 
@@ -180,8 +180,12 @@ def _layer(case: Case, k: int, n: int) -> tuple[nn.Module, Candidate | None]:
         return lin, None
     if case.label.startswith("DispatchLinear"):
         d = Dispatch(case.candidate, Int8Dynamic("onednn"), 16)
-        return DispatchLinear(d, d.small.quantize(w), b, k, n, act_dtype=case.dtype), d.small
-    return case.candidate.build(w, b), case.candidate
+        layer: QuantizedLinear = DispatchLinear(d, d.small.quantize(w), b, k, n, act_dtype=case.dtype)
+        small = d.small
+    else:
+        layer, small = case.candidate.build(w, b), case.candidate
+    # As finalize leaves it: tuned for the M it runs (so every call also does the unseen-M check).
+    return label(layer, "bench", frozenset({1})), small
 
 
 def _raw(layer: nn.Module, small: Candidate | None, x: Tensor) -> Callable[[], Tensor]:
