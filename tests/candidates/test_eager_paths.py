@@ -243,3 +243,13 @@ def test_a_dropped_layer_frees_its_buffers_without_the_garbage_collector(cand, d
     finally:
         gc.enable()
     assert not any(alive)
+
+
+def test_shortcut_steps_aside_for_in_place_compile():
+    """`layer.compile()` sets nn.Module's compiled call: the layer must go through it."""
+    layer, x = _fbgemm_layer(), torch.randn(3, 64)
+    want = layer(x)
+    layer.compile(backend="eager", fullgraph=True)
+    assert layer._hot is None
+    torch._dynamo.reset()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
