@@ -170,17 +170,23 @@ def _state_bytes(module: torch.nn.Module) -> int:
     return sum(t.nbytes for t in buffers) + PREPACK_CACHE.held_for(buffers)
 
 
+def _handle_sources(module: QuantizedLinear, tensors: Iterable[Tensor]) -> set[int]:
+    """ids of those of `tensors` that `module`'s prepacked handle is built from: its kernel reads
+    the handle, never them."""
+    kind = module.candidate.prepack_kind
+    return {id(t) for t in PREPACK_CACHE.anchors(tensors, kind)} if kind else set()
+
+
 def _read_bytes(module: torch.nn.Module) -> int:
     """Bytes one call of `module` reads: its prepacked handle instead of the plain weight buffer
-    the handle is built from (the kernel never reads that one), and its other tensors."""
+    the handle is built from, and its other tensors."""
     if not isinstance(module, QuantizedLinear):
         return _state_bytes(module)
     buffers = list(module.buffers())
     kind = module.candidate.prepack_kind
-    if kind is None:
-        return sum(t.nbytes for t in buffers)
-    anchors = {id(t) for t in PREPACK_CACHE.anchors(buffers, kind)}
-    return sum(t.nbytes for t in buffers if id(t) not in anchors) + PREPACK_CACHE.held_for(buffers, kind)
+    sources = _handle_sources(module, buffers)
+    held = PREPACK_CACHE.held_for(buffers, kind) if kind else 0
+    return sum(t.nbytes for t in buffers if id(t) not in sources) + held
 
 
 def copies_per_candidate(read_bytes: Sequence[int], target_bytes: int) -> int:
@@ -207,8 +213,7 @@ def _clones(module: torch.nn.Module, n: int) -> list[torch.nn.Module]:
         return [module]
     if isinstance(module, QuantizedLinear):
         state = dict(module.packed())
-        kind = module.candidate.prepack_kind
-        anchored = {id(t) for t in PREPACK_CACHE.anchors(state.values(), kind)} if kind else set()
+        anchored = _handle_sources(module, state.values())
     else:
         state, anchored = {"weight": module.weight.detach()}, set()
     if module.bias is not None:
@@ -394,7 +399,7 @@ def _bench_op(
     best_rough = min(rough.values(), default=float("inf"))
     hopeless = [c for c, t in rough.items() if t > config.hopeless_factor * best_rough]
     live = [c for c in bench.built if c not in hopeless]
-    _return_freed_memory()  # the builds' temporaries: let the copies reuse those pages
+    _return_freed_memory()  # the screening calls' temporaries: let the copies reuse those pages
     n = bench.copies_for(live)
     jobs = bench.cold_jobs(live, n)
     measured = _measure(timer, jobs, device)

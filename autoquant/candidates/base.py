@@ -54,9 +54,8 @@ _dispatch_depth = torch._C._len_torch_dispatch_stack
 # nn.Module's process-wide hook registries (torch.nn.modules.module.register_module_forward_hook
 # and friends fill them in place; torch never rebinds them): QuantizedLinear.__call__ takes its
 # shortcut only while all four are empty, as nn.Module.__call__ does.
-_GLOBAL_HOOKS = (_nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks,
-                 _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks)
-_G_FWD_PRE, _G_FWD, _G_BWD_PRE, _G_BWD = _GLOBAL_HOOKS
+_G_FWD_PRE, _G_FWD = _nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks
+_G_BWD_PRE, _G_BWD = _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks
 # Attributes QuantizedLinear's shortcut state is made from: setting any of them rebuilds it.
 _HOT_INPUTS = frozenset({"_eager", "act_dtype", "tuned_m", "in_features", "forward", "_compiled_call_impl"})
 

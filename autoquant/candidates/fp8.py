@@ -157,7 +157,6 @@ class Fp8Dynamic(Candidate):
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         return quantize_fp8_nk_rowscale(weight)
 
-
     def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], runtime: Any,
                 bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
         if self.kernel == "triton":
