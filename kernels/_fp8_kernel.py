@@ -20,6 +20,14 @@ TILES = [
 ]
 
 
+# fp8 wgmma (sm_90) accumulates in a narrower-than-fp32 register unless Triton promotes the partial
+# sums; Triton's sm_90 default is never (2**30 products), which drifts from the reference and from
+# torch._scaled_mm (both accumulate in fp32). 32, the K of one fp8 wgmma instruction, adds every
+# instruction's result into the fp32 accumulator; below 32 Triton gives up wgmma altogether.
+# Every tile's BLOCK_K is a multiple of it (tl.dot requires <= BLOCK_K). Other GPUs ignore it.
+PRECISE_ACC_EVERY: tl.constexpr = tl.constexpr(32)
+
+
 @triton.autotune(
     configs=make_configs(TILES),
     key=["M_BUCKET", "N", "K"],
@@ -49,7 +57,7 @@ def fp8_rowwise_mm_kernel(
         k_ok = offs_k < K - k_tile * BLOCK_K
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PRECISE_ACC_EVERY)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 

@@ -13,7 +13,8 @@ goes through a private opaque ``custom_op`` (``autoquant::_<op>_opaque``) with a
 
 - interpreted kernels (``TRITON_INTERPRET=1``, CPU or CUDA tensors): ``wrap_triton`` hands back the
   raw interpreted kernel, which would read data pointers of fake tensors while tracing and vanish
-  from a compiled graph, so it must stay behind an opaque op;
+  from a compiled graph, so it must stay behind an opaque op, which launches it directly (never
+  through ``wrap_triton``: see ``launcher``);
 - no Triton, or a non-CUDA tensor without the interpreter: the opaque op's fake impl still lets
   torch.compile / export trace shapes, and its real impl raises a clear RuntimeError.
 """
@@ -72,10 +73,17 @@ def unavailable_reason(device: torch.device | str, *, fp8: bool = False) -> str 
             return "CUDA is not available"
         if fp8 and not interpreted and torch.cuda.get_device_capability(device) < (8, 9):
             return "fp8 tensor cores need CUDA compute capability >= 8.9"
-        return None
+        return interpreter_problem() if interpreted else None
     if interpreted:
-        return None
+        return interpreter_problem()
     return f"Triton kernels need CUDA tensors on {device.type}; {INTERPRETER_HINT}"
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run the kernels here (None when it can; see _interpreter)."""
+    from ._interpreter import interpreter_problem as probe
+
+    return probe()
 
 
 def define_op(qualname: str) -> Callable[[Callable[..., Any]], Any]:
@@ -131,12 +139,33 @@ def launches_inline(kernel_module: str, what: str, device: torch.device) -> bool
 
 
 def check_launchable(kernel: object, device: torch.device, what: str) -> None:
-    """Raise a RuntimeError when a compiled (non-interpreted) kernel would be launched off CUDA."""
-    if device.type != "cuda" and not is_interpreted(kernel):
+    """Raise a RuntimeError when ``kernel`` cannot run on ``device``: a compiled kernel off CUDA,
+    or an interpreted one where the interpreter fails its probe (named instead of a numpy error
+    from deep inside the interpreter)."""
+    interpreted = is_interpreted(kernel)
+    if device.type != "cuda" and not interpreted:
         raise RuntimeError(
             f"{what}: Triton kernels are compiled for CUDA but the tensors are on {device}; "
             f"{INTERPRETER_HINT}."
         )
+    problem = interpreter_problem() if interpreted else None
+    if problem:
+        raise RuntimeError(f"{what}: {problem}")
+
+
+def launcher(kernel: Any, device: torch.device) -> Any:
+    """What to index with a grid and call to launch ``kernel`` on ``device``'s tensors.
+
+    ``torch.library.wrap_triton(kernel)`` where a triton_op body launches inline (a compiled kernel
+    on CUDA, so torch.compile sees the kernel), the kernel itself everywhere else (inside the opaque
+    ops). wrap_triton must never see an interpreted kernel: torch 2.11 rejects a plain interpreted
+    ``@triton.jit`` ("wrap_triton only works on functions annotated with triton.jit or
+    triton.autotune") and, while its tracing switch is on, follows ``.fn`` from an interpreted
+    autotuner down to a bare Python function ("'function' object has no attribute 'fn'").
+    """
+    if device.type == "cuda" and not is_interpreted(kernel):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def m_bucket(m: int) -> int:

@@ -3,10 +3,10 @@
 Imported only by the private ``_*_kernel.py`` modules, i.e. only when Triton is installed and a
 kernel is first used.
 
-Autotuning: each kernel is keyed on (M_BUCKET, N, K) plus the operand dtypes (triton adds those),
-where M_BUCKET is ``_registry.m_bucket(M)``. ``prune_by_m`` keeps only the configs whose BLOCK_M
-suits the bucket, so an M=1 decode call tries a handful of BLOCK_M=16 configs instead of the whole
-list. Under the interpreter (TRITON_INTERPRET=1) every list collapses to a single small config: the
+Autotuning: each kernel is keyed on (M_BUCKET, N, K) plus the operand dtypes (triton adds those;
+int4 adds GROUP_SIZE), where M_BUCKET is ``_registry.m_bucket(M)``. ``prune_by_m`` keeps only the
+configs whose BLOCK_M suits the bucket, so an M=1 decode call tries a handful of BLOCK_M=16 configs
+instead of the whole list. Under the interpreter (TRITON_INTERPRET=1) every list collapses to a single small config: the
 interpreter would otherwise time every config on the CPU, which takes minutes.
 """
 

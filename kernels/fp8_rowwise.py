@@ -23,6 +23,7 @@ from . import _checks
 from ._registry import (
     check_launchable,
     define_op,
+    launcher,
     launches_inline,
     load_kernels,
     m_bucket,
@@ -108,7 +109,7 @@ def _launch(
 
     m, k = x_fp8.shape
     n = w_fp8.shape[0]
-    torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
+    launcher(kernels.KERNEL, x_fp8.device)[grid_2d(m, n)](
         x_fp8, x_scale, w_fp8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1),

@@ -38,6 +38,7 @@ from ._registry import (
     check_launchable,
     define_op,
     is_interpreted,
+    launcher,
     launches_inline,
     load_kernels,
     m_bucket,
@@ -172,7 +173,7 @@ def _launch(
 
     m, k = x.shape
     n = w_packed.shape[0]
-    torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
+    launcher(kernels.KERNEL, x.device)[grid_2d(m, n)](
         x, w_packed, scales, zeros, scales if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),

@@ -33,6 +33,7 @@ from ._registry import (
     check_launchable,
     define_op,
     is_interpreted,
+    launcher,
     launches_inline,
     load_kernels,
     m_bucket,
@@ -93,7 +94,7 @@ def _launch_quantize(x: Tensor, q: Tensor, scale: Tensor) -> None:
     interpreted = is_interpreted(kernels.QUANTIZE_KERNEL)
     # 1024 float32 values are 8 per thread at the default 4 warps; longer rows loop.
     block_k = min(triton.next_power_of_2(k), 64 if interpreted else 1024)
-    torch.library.wrap_triton(kernels.QUANTIZE_KERNEL)[(m,)](
+    launcher(kernels.QUANTIZE_KERNEL, x.device)[(m,)](
         x, q, scale, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
         EPS=PER_TOKEN_EPS, BLOCK_K=block_k,
     )  # fmt: skip
@@ -171,7 +172,7 @@ def _launch_mm(
 
     m, k = x_int8.shape
     n = w_int8.shape[0]
-    torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
+    launcher(kernels.KERNEL, x_int8.device)[grid_2d(m, n)](
         x_int8, x_scale, w_int8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x_int8.stride(0), x_int8.stride(1), w_int8.stride(0), w_int8.stride(1),

@@ -29,6 +29,7 @@ from ._registry import (
     check_launchable,
     define_op,
     is_interpreted,
+    launcher,
     launches_inline,
     load_kernels,
     m_bucket,
@@ -63,14 +64,14 @@ def _check(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> t
 
 
 def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    """Launch the Triton kernel writing ``out``, via wrap_triton so the call traces on CUDA."""
+    """Launch the Triton kernel writing ``out`` (via wrap_triton where it traces: see launcher)."""
     kernels = load_kernels(_KERNEL_MODULE, OP)
     check_launchable(kernels.KERNEL, x.device, OP)
     from ._triton_common import grid_2d
 
     m, k = x.shape
     n = w_int8.shape[0]
-    torch.library.wrap_triton(kernels.KERNEL)[grid_2d(m, n)](
+    launcher(kernels.KERNEL, x.device)[grid_2d(m, n)](
         x, w_int8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
         x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1), out.stride(0), out.stride(1),

@@ -14,16 +14,19 @@ materializes the float weight per call, so it buys memory and accuracy headroom,
 fp8_dynamic quantizes x per row at run time (``primitives.fp8_per_row``), then:
 
 - ``scaled_mm``: ``torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=[M, 1], scale_b=[1, N], bias,
-  out_dtype)``. CPU (torch 2.13): row-wise scales work (scale_b must be a contiguous [1, N]), any
-  shape, out_dtype = x.dtype, bias in x's dtype; it is a reference loop, measured far slower than
-  F.linear, so it is timed and loses. CUDA: sm89+, K and N multiples of 16; the row-wise path
-  outputs bf16 (cuBLAS below 12.9 / sm < 90 uses CUTLASS, bf16 only), so non-bf16 activations get
-  a bf16 result, then bias, then the cast to x's dtype; the reference mirrors that rounding.
+  out_dtype)``. CPU: where the build takes row-wise scales (torch 2.13 does; 2.11 asserts "only
+  supports per-tensor scaling", so ``supports`` asks a probe, not the version), scale_b must be a
+  contiguous [1, N], any shape, out_dtype = x.dtype, bias in x's dtype; it is a reference loop,
+  measured far slower than F.linear, so it is timed and loses. CUDA: sm89+, K and N multiples of
+  16; the row-wise path outputs bf16 (cuBLAS below 12.9 / sm < 90 uses CUTLASS, bf16 only), so
+  non-bf16 activations get a bf16 result, then bias, then the cast to x's dtype; the reference
+  mirrors that rounding.
 - ``triton`` (CUDA sm89+): ``autoquant.kernels.fp8_rowwise_mm`` with out_dtype = x.dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,6 +58,23 @@ FP8_MIN_CAPABILITY = (8, 9)
 def quantize_fp8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
     q, scale = fp8_weight_per_row(weight)
     return {"w_fp8": q.contiguous(), "w_scale": scale.contiguous()}
+
+
+@functools.cache
+def cpu_rowwise_scaled_mm_reason() -> str | None:
+    """Why this torch build's CPU ``_scaled_mm`` cannot take row-wise scales, or None when it can.
+
+    A probe (one 2x16 @ 16x2 product, once per process) instead of a version test: what the build
+    does is what counts, whichever version brought it.
+    """
+    a = torch.zeros(2, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
+    except RuntimeError as exc:
+        said = str(exc).strip().rstrip(".").split(". ")[-1]  # its last sentence: the assert's preamble is noise
+        return (f"fp8_dynamic/scaled_mm: the CPU torch._scaled_mm of torch {torch.__version__} rejects row-wise "
+                f"scales ({said}); a torch build whose CPU _scaled_mm takes them (2.13 does) runs this kernel")
+    return None
 
 
 def _dequant_linear(x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
@@ -141,7 +161,7 @@ class Fp8Dynamic(Candidate):
             return reason
         if self.kernel == "scaled_mm":
             if device.type == "cpu":
-                return None  # row-wise _scaled_mm runs on CPU in torch 2.13 (slowly: timing decides)
+                return cpu_rowwise_scaled_mm_reason()  # where it runs, slowly: timing decides
             reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
             if reason:
                 return reason

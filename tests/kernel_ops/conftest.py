@@ -1,14 +1,9 @@
 """Kernel tests run on CPU through the Triton interpreter when no GPU is present.
 
-@triton.jit reads TRITON_INTERPRET when it decorates a kernel, and autoquant.kernels decorates its
-kernels on first launch (not on import), so setting the variable here, before any test launches a
-kernel, is enough even when another test package imported autoquant.kernels first. On a machine
-with CUDA it is left alone and the kernels run compiled on the GPU.
+The switch (TRITON_INTERPRET=1 without CUDA) is set in the suite's root conftest, tests/conftest.py,
+at its import: Triton decides between interpreter and compiler for its own language library once, at
+the process's first ``import triton``, and the root conftest's session start imports triton before
+this directory is collected, so setting it here would be too late in a whole-suite run (every CPU
+kernel test would fail; kernels/_interpreter.py says so). It is set in that one place only. On a
+machine with CUDA it is left alone and the kernels run compiled on the GPU.
 """
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")

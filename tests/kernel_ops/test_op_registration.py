@@ -18,15 +18,21 @@ import torch
 
 import autoquant
 from autoquant import kernels as K
+from autoquant.candidates._util import triton_required
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not installed")
+# Where Triton is a declared dependency (Linux x86_64) a broken install must fail these tests, not
+# skip them: they run and raise the import error. Elsewhere a missing Triton is a skip.
+needs_triton = pytest.mark.skipif(
+    not K.HAS_TRITON and not triton_required(),
+    reason="triton is not installed (not a dependency on this platform)",
+)
 
 _DEVICE_MARKS = {
     "cpu": pytest.mark.skipif(
         not INTERPRETER,
-        reason="CPU runs need TRITON_INTERPRET=1 (conftest.py sets it only when no GPU is present)",
+        reason="CPU runs need TRITON_INTERPRET=1 (tests/conftest.py sets it when CUDA is absent)",
     ),
     "cuda": pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
 }
@@ -130,13 +136,9 @@ def test_import_without_triton(tmp_path):
         """
         import sys
 
-        class _BlockTriton:  # makes `import triton` fail as if it were not installed
-            def find_spec(self, name, path=None, target=None):
-                if name == "triton" or name.startswith("triton."):
-                    raise ImportError(f"{name} is blocked for this test")
-                return None
-
-        sys.meta_path.insert(0, _BlockTriton())
+        # As if triton were not installed: `import triton` raises ImportError and
+        # importlib.util.find_spec("triton") returns None (torch 2.14 asks it at import).
+        sys.modules["triton"] = None
         import torch
         import autoquant.kernels as K
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -154,7 +156,8 @@ def test_import_without_triton(tmp_path):
             fx, fw, fs = torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4)
             y = torch.ops.autoquant.int8_wo_mm(fx, fw, fs, None)
         assert tuple(y.shape) == (2, 4)
-        assert not any(m == "triton" or m.startswith("triton.") for m in sys.modules)
+        loaded = [m for m, mod in sys.modules.items() if m.split(".")[0] == "triton" and mod]
+        assert not loaded, loaded
         print("ok")
         """,
         tmp_path,

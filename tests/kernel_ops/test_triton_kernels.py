@@ -18,11 +18,17 @@ import torch
 from torch import Tensor
 
 from autoquant import kernels as K
+from autoquant.candidates._util import triton_required
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
-pytestmark = pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not installed")
+# Where Triton is a declared dependency (Linux x86_64) a broken install fails these tests (each
+# kernel call raises the import error); only elsewhere is a missing Triton a skip.
+pytestmark = pytest.mark.skipif(
+    not K.HAS_TRITON and not triton_required(),
+    reason="triton is not installed (not a dependency on this platform)",
+)
 
 # dtype -> (rtol, atol relative to max |reference|)
 TOL = {
@@ -35,7 +41,7 @@ _SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _DEVICE_MARKS = {
     "cpu": pytest.mark.skipif(
         not INTERPRETER,
-        reason="CPU runs need TRITON_INTERPRET=1 (conftest.py sets it only when no GPU is present)",
+        reason="CPU runs need TRITON_INTERPRET=1 (tests/conftest.py sets it when CUDA is absent)",
     ),
     "cuda": pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
 }
@@ -395,8 +401,8 @@ def _kernel_module(name: str):
 
 
 def _cases():
-    if TILE_DEVICE is None or not K.HAS_TRITON:
-        return [pytest.param(None, None, id="no-device")]
+    if TILE_DEVICE is None or not K.HAS_TRITON:  # (the test says which)
+        return [pytest.param(None, None, id="no-device-or-triton")]
     cases = []
     for family, (module_name, _) in FAMILIES.items():
         for tile in _kernel_module(module_name).TILES:
@@ -409,6 +415,8 @@ def _cases():
 @pytest.mark.skipif(TILE_DEVICE is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("family, tile", _cases())
 def test_every_tile_matches_reference(family, tile, monkeypatch):
+    if family is None:  # no tile list to read: Triton did not import (pytestmark covers the rest)
+        K._registry.require_triton("test_every_tile_matches_reference")
     import triton
 
     module_name, run = FAMILIES[family]
