@@ -19,28 +19,47 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from .keys import BenchKey, Measurement
 
-__all__ = ["BenchConfig", "BenchJob", "Timer", "CpuTimer", "CudaTimer", "FakeTimer", "CountingTimer", "time_callables",
-           "default_timer", "quantiles",
-           "last_level_cache_bytes", "paired_blocks"]
+__all__ = [
+    "BenchConfig",
+    "BenchJob",
+    "CountingTimer",
+    "CpuTimer",
+    "CudaTimer",
+    "FakeTimer",
+    "Timer",
+    "cuda_context_broken",
+    "default_timer",
+    "is_sticky_cuda_error",
+    "last_level_cache_bytes",
+    "measure_within",
+    "paired_blocks",
+    "quantiles",
+    "time_callables",
+]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Harness settings. CPU: `rounds` interleaved samples per job, each a block of repetitions
-    lasting at least `min_block_s`. CUDA: `cuda_samples` event-timed graph replays per job."""
+    lasting at least `min_block_s`. CUDA: `cuda_samples` event-timed graph replays per job. Timed
+    within a time budget (:func:`measure_within`), a job gets fewer samples, never fewer than
+    `min_samples`: a large op's three samples of 200 ms calls say more than a small op's nine."""
 
     rounds: int = 9
+    min_samples: int = 3
     min_block_s: float = 2e-3
     warmup_s: float = 5e-3
     max_reps: int = 10_000
@@ -60,8 +79,8 @@ class BenchConfig:
     cold_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.cuda_samples < 1:
-            raise ValueError("BenchConfig needs rounds >= 1 and cuda_samples >= 1")
+        if self.rounds < 1 or self.cuda_samples < 1 or self.min_samples < 1:
+            raise ValueError("BenchConfig needs rounds >= 1, cuda_samples >= 1 and min_samples >= 1")
         if self.min_block_s <= 0:
             raise ValueError("BenchConfig.min_block_s must be > 0 seconds")
         if self.cold_bytes is not None and self.cold_bytes < 0:
@@ -126,8 +145,42 @@ class Timer(Protocol):
 
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
         """One Measurement per job, in order. Jobs are all for the same op; a job whose fn raises
-        propagates the exception (the tuner times candidates one by one first, so this is rare)."""
+        propagates the exception (the tuner times candidates one by one first, so this is rare).
+
+        A timer may also define ``measure_within(jobs, device, budget_s)``: the same, taking as
+        many samples as fit in `budget_s` seconds (warm-up included), at least its minimum; the
+        tuner then spends a per-op budget (see :func:`measure_within`)."""
         ...
+
+
+def measure_within(timer: Timer, jobs: Sequence[BenchJob], device: torch.device,
+                   budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
+    """`timer.measure_within(jobs, device, budget_s)` where the timer has it (the harness's own
+    timers do), else `timer.measure(jobs, device)`: a user's timer keeps its own sample count.
+    `budget_s` None: the timer's full sample count. `least`: at least this many samples instead
+    of the timer's minimum (the harness's timers take it; others are asked without it)."""
+    method = getattr(timer, "measure_within", None)
+    if budget_s is None or not callable(method):
+        return timer.measure(jobs, device)
+    if least is not None and _takes_least(method):
+        return method(jobs, device, budget_s, least=least)
+    return method(jobs, device, budget_s)
+
+
+def _takes_least(method: Callable[..., Any]) -> bool:
+    try:
+        return "least" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _samples_within(budget_s: float | None, spent_s: float, per_sample_s: float, most: int, least: int) -> int:
+    """How many samples fit in what is left of `budget_s` after `spent_s` (warm-up), each costing
+    `per_sample_s`: between `least` and `most` (all of `most` without a budget)."""
+    if budget_s is None or per_sample_s <= 0:
+        return most
+    fit = int(max(0.0, budget_s - spent_s) / per_sample_s)
+    return max(min(least, most), min(most, fit))
 
 
 def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
@@ -187,7 +240,8 @@ class CpuTimer:
     def cold_bytes(self, device: torch.device) -> int:
         return self.config.cold_target_bytes() if device.type == "cpu" else 0
 
-    def _calibrate(self, fn: Callable[[], Any]) -> int:
+    def _calibrate(self, fn: Callable[[], Any]) -> tuple[int, float]:
+        """(repetitions per block, seconds of the last block of that many)."""
         cfg = self.config
         deadline = time.perf_counter() + cfg.warmup_s
         fn()
@@ -200,7 +254,7 @@ class CpuTimer:
                 fn()
             elapsed = time.perf_counter() - t0
             if elapsed >= cfg.min_block_s or reps >= cfg.max_reps:
-                return reps
+                return reps, elapsed
             # Aim a little above the target so the next try usually suffices.
             grow = 2 if elapsed <= 0 else min(100.0, 1.3 * cfg.min_block_s / elapsed)
             reps = min(cfg.max_reps, max(reps + 1, int(reps * grow)))
@@ -218,32 +272,46 @@ class CpuTimer:
         return best
 
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        return self.measure_within(jobs, device, None)
+
+    def measure_within(self, jobs: Sequence[BenchJob], device: torch.device,
+                       budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
+        """As `measure`, with as many rounds as fit in `budget_s` (between `least`, default
+        `min_samples`, and `rounds`); the warm-up tells what one round costs."""
         if not jobs:
             return []
         gc_was_enabled = gc.isenabled()
+        started = time.perf_counter()
+        fewest = self.config.min_samples if least is None else least
         with fixed_threads(self.config.cpu_threads), torch.no_grad():
             try:
                 if self.cold_bytes(device) > 0:
-                    samples = self._cold_rounds(jobs)
+                    samples = self._cold_rounds(jobs, budget_s, started, fewest)
                 else:
-                    samples = self._hot_rounds(jobs)
+                    samples = self._hot_rounds(jobs, budget_s, started, fewest)
             finally:
                 if gc_was_enabled:
                     gc.enable()
         load = _load_avg()
         return [_summary(s, load) for s in samples]
 
-    def _hot_rounds(self, jobs: Sequence[BenchJob]) -> list[list[float]]:
-        cfg = self.config
-        reps = [self._calibrate(job.fn) for job in jobs]
+    def _rounds(self, budget_s: float | None, started: float, per_round_s: float, fewest: int) -> int:
+        return _samples_within(budget_s, time.perf_counter() - started, per_round_s, self.config.rounds, fewest)
+
+    def _hot_rounds(self, jobs: Sequence[BenchJob], budget_s: float | None, started: float,
+                    fewest: int) -> list[list[float]]:
+        calibrated = [self._calibrate(job.fn) for job in jobs]
+        reps = [n for n, _ in calibrated]
+        rounds = self._rounds(budget_s, started, sum(t for _, t in calibrated), fewest)
         samples: list[list[float]] = [[] for _ in jobs]
         gc.disable()
-        for r in range(cfg.rounds):
+        for r in range(rounds):
             for i in _rotated(len(jobs), r):
                 samples[i].append(_block(jobs[i].fn, reps[i]))
         return samples
 
-    def _cold_rounds(self, jobs: Sequence[BenchJob]) -> list[list[float]]:
+    def _cold_rounds(self, jobs: Sequence[BenchJob], budget_s: float | None, started: float,
+                     fewest: int) -> list[list[float]]:
         cfg = self.config
         calls = [max(1, job.calls) for job in jobs]
         per_pass = []
@@ -254,9 +322,10 @@ class CpuTimer:
                 t = _block(job.fn, n)
             per_pass.append(t * n)
         steps = max(1, min(cfg.max_reps, math.ceil(cfg.min_block_s * len(jobs) / max(sum(per_pass), 1e-9))))
+        rounds = self._rounds(budget_s, started, steps * sum(per_pass), fewest)
         samples: list[list[float]] = [[] for _ in jobs]
         gc.disable()
-        for r in range(cfg.rounds):
+        for r in range(rounds):
             acc = [0.0] * len(jobs)
             for s in range(steps):
                 for i in _rotated(len(jobs), r * steps + s):
@@ -315,25 +384,80 @@ class CudaTimer:
         return best
 
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        return self.measure_within(jobs, device, None)
+
+    def measure_within(self, jobs: Sequence[BenchJob], device: torch.device,
+                       budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
+        """As `measure`, with as many samples as fit in `budget_s` (between `least`, default
+        `min_samples`, and `cuda_samples`); one flushed replay of each job, after capture, tells
+        what a sample costs."""
         if not jobs:
             return []
         cfg = self.config
+        started = time.perf_counter()
         with torch.no_grad():
             runners = [self._capture(job.fn, device) for job in jobs]
             flush = torch.empty(cfg.l2_flush_mb << 20, dtype=torch.uint8, device=device)
+            t0 = time.perf_counter()
+            for run in runners:
+                _event_time(run, flush)
+            per_round = time.perf_counter() - t0
+            n = _samples_within(budget_s, time.perf_counter() - started, per_round, cfg.cuda_samples,
+                                cfg.min_samples if least is None else least)
             samples: list[list[float]] = [[] for _ in jobs]
-            for r in range(cfg.cuda_samples):
+            for r in range(n):
                 for i in _rotated(len(jobs), r):
-                    flush.zero_()
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    runners[i]()
-                    end.record()
-                    end.synchronize()
-                    samples[i].append(start.elapsed_time(end) / 1e3)
+                    samples[i].append(_event_time(runners[i], flush))
             del flush
         return [_summary(s, None) for s in samples]
+
+
+def _event_time(run: Callable[[], Any], flush: torch.Tensor) -> float:
+    """Seconds of one call of `run` between CUDA events, after flushing L2 with `flush`."""
+    flush.zero_()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+# CUDA errors after which the process's CUDA context is unusable: every later launch fails with
+# the same error, so the candidates timed after one would all fail for a reason not their own.
+# (Out of memory, invalid argument or a launch configuration a device rejects are not sticky.)
+_STICKY_CUDA = ("illegal memory access", "illegal address", "illegal instruction", "misaligned address",
+                "unspecified launch failure", "device-side assert", "launch timed out", "launch timeout",
+                "hardware stack error", "uncorrectable ecc", "ecc error")
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a CUDA error that poisons the
+    process's CUDA context, such as "CUDA error: an illegal memory access was encountered" (torch
+    raises it as ``torch.AcceleratorError``, a RuntimeError). Reads the error text only, so it
+    answers the same on a machine without a GPU."""
+    accel = getattr(torch, "AcceleratorError", ())
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).lower()
+        if ("cuda" in text or isinstance(cur, accel)) and any(p in text for p in _STICKY_CUDA):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def cuda_context_broken(device: torch.device) -> bool:
+    """On a CUDA device: whether a synchronize now raises (the context is poisoned); False elsewhere."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - any failure here means the context cannot run kernels
+        return True
+    return False
 
 
 def default_timer(device: torch.device, config: BenchConfig | None = None) -> Timer:
@@ -357,6 +481,11 @@ class FakeTimer:
             job.fn()
         return float(self.cost(job.key))
 
+    def measure_within(self, jobs: Sequence[BenchJob], device: torch.device,
+                       budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
+        """The same figures whatever the budget: a fake's cost does not depend on samples."""
+        return self.measure(jobs, device)
+
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
         out = []
         for job in jobs:
@@ -370,13 +499,17 @@ class FakeTimer:
 
 class CountingTimer:
     """Wraps a timer and counts what it was asked to time: `calls` (measure calls), `quick_calls`
-    (screening calls) and `keys` (every key measured). A warm cache leaves all three at zero."""
+    (screening calls), `keys` (every key measured), `quick_keys` (every key screened) and
+    `budgets` (per measure call: its first job's key and its time budget, None for none). A warm
+    cache leaves all of them empty or zero."""
 
     def __init__(self, inner: Timer) -> None:
         self.inner = inner
         self.calls = 0
         self.quick_calls = 0
         self.keys: list[BenchKey] = []
+        self.quick_keys: list[BenchKey] = []
+        self.budgets: list[tuple[BenchKey, float | None]] = []
 
     def cold_bytes(self, device: torch.device) -> int:
         method = getattr(self.inner, "cold_bytes", None)
@@ -384,12 +517,19 @@ class CountingTimer:
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
         self.quick_calls += 1
+        self.quick_keys.append(job.key)
         return self.inner.quick(job, device)
 
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
+        return self.measure_within(jobs, device, None)
+
+    def measure_within(self, jobs: Sequence[BenchJob], device: torch.device,
+                       budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
         self.calls += 1
         self.keys.extend(job.key for job in jobs)
-        return self.inner.measure(jobs, device)
+        if jobs:
+            self.budgets.append((jobs[0].key, budget_s))
+        return measure_within(self.inner, jobs, device, budget_s, least=least)
 
 
 def _block(fn: Callable[[], Any], reps: int) -> float:

@@ -59,7 +59,11 @@ class TuneConfig:
     """How one autoquant run tunes. `candidates` is None for the device's defaults, else a tuple of
     (family, params-JSON) pairs. `tie_tolerance` is the smallest relative cost difference that is
     never called a tie, on top of the measured spread. Candidates whose first calls are
-    `hopeless_factor` times slower than the fastest keep a rough single-sample figure (0: off)."""
+    `hopeless_factor` times slower than the fastest keep a rough single-sample figure, and on a
+    large op (M >= 64) a candidate predicted from probes at fewer rows to be that much slower than
+    the best is skipped without a full-size call (0: both off). `op_budget_s` is the time one op's
+    timing aims to take: samples adapt to it (never fewer than ``bench.min_samples``), so a large
+    op is timed in seconds, not minutes; None: every job gets its full sample count."""
 
     cost_model: CostModel = field(default_factory=CostModel)
     min_sqnr: float | None = None
@@ -68,6 +72,7 @@ class TuneConfig:
     retime_top: int = 2
     hopeless_factor: float = 4.0
     activation_rows: int = 64
+    op_budget_s: float | None = 5.0
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class TuneConfig:
             raise ValueError("tie_tolerance must be >= 0")
         if self.activation_rows < 1:
             raise ValueError("activation_rows must be >= 1")
+        if self.op_budget_s is not None and not self.op_budget_s > 0:
+            raise ValueError(f"op_budget_s must be > 0 seconds or None (no budget), got {self.op_budget_s!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -93,5 +100,6 @@ class TuneConfig:
             retime_top=data.get("retime_top", 2),
             hopeless_factor=data.get("hopeless_factor", 4.0),
             activation_rows=data.get("activation_rows", 64),
+            op_budget_s=data.get("op_budget_s", 5.0),
             bench=BenchConfig(**data.get("bench", {})),
         )

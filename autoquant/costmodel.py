@@ -17,13 +17,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from .config import CostModel
 from .keys import Measurement, Timed
 
-__all__ = ["Cost", "Option", "timed_parts", "op_cost", "weighted_cost", "pick", "is_tie"]
+__all__ = [
+    "LINEAR_SLOPE",
+    "SLOPE_TRUST",
+    "Cost",
+    "Option",
+    "Prediction",
+    "hopeless_prediction",
+    "is_tie",
+    "op_cost",
+    "pick",
+    "predict",
+    "primary_part",
+    "probe_rows",
+    "timed_parts",
+    "weighted_cost",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,11 @@ def timed_parts(cost_model: CostModel, dynamic_activation: bool) -> tuple[Timed,
     if dynamic_activation:
         return (Timed.FULL, Timed.MATMUL)
     return (Timed.FULL,)
+
+
+def primary_part(cost_model: CostModel) -> Timed:
+    """The part every candidate has under `cost_model`, what screening and prediction compare."""
+    return Timed.RELU if cost_model.kind == "relu" else Timed.FULL
 
 
 def op_cost(cost_model: CostModel, dynamic_activation: bool, parts: Mapping[Timed, Measurement]) -> Cost:
@@ -102,3 +122,102 @@ def pick(options: Sequence[Option], tolerance: float = 0.0) -> Option:
     best = by_cost[0]
     tied = [o for o in by_cost if is_tie(best.cost, o.cost, tolerance)]
     return min(tied, key=_preference)
+
+
+# ---- predicting a large op's cost from the same op at fewer rows ---------------------------------
+# Probe rows grow 4x from 1; the largest is at most M / 16, so probing a kernel whose time grows
+# linearly in M costs about a fifth of one full-size call (1/16 + 1/64 + ...), however large M is.
+_PROBE_STEP = 4
+_PROBE_GAP = 16
+# How much of a kernel's measured growth between its two largest probes the lower bound trusts.
+# A kernel's log-time vs log-M slope often falls at large M (it blocks better), so extrapolating
+# the probes' slope at full strength can over-predict; three quarters of it keeps the bound below
+# the measured full-size time of the slow CPU kernels (issue 19's table), and skipping also needs
+# two probes in a row to agree (``hopeless_prediction``).
+SLOPE_TRUST = 0.75
+# Below this slope a kernel is still weight-bound at the probes (fast kernels read their weight in
+# about the same time at 1 and 16 rows), and a slope that small cannot be told from noise (one
+# probe 1.45x slow between 1 and 4 rows reads as 0.27): the bound then extrapolates nothing.
+LINEAR_SLOPE = 0.75
+
+
+def probe_rows(m: int) -> tuple[int, ...]:
+    """Row counts at which an op with `m` rows is probed before any full-size call: 1, 4, 16, ...
+    up to m / 16; empty when fewer than two fit (a full-size call is then cheap enough)."""
+    rows = []
+    r = 1
+    while r * _PROBE_GAP <= m:
+        rows.append(r)
+        r *= _PROBE_STEP
+    return tuple(rows) if len(rows) >= 2 else ()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A candidate's seconds per call at `m` rows, predicted from its times at fewer rows (`rows`:
+    (rows, seconds) ascending). `low` is a lower bound, what skipping trusts; `point` the best
+    guess (the probes' growth extrapolated in full), what orders the first full-size calls."""
+
+    m: int
+    low: float
+    point: float
+    rows: tuple[tuple[int, float], ...]
+
+    def describe(self) -> str:
+        probes = ", ".join(f"{_fmt_s(t)} at M={r}" for r, t in self.rows)
+        return f"predicted >= {_fmt_s(self.low)} at M={self.m} (from {probes})"
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def predict(rows: Sequence[tuple[int, float]], m: int, trust: float = SLOPE_TRUST) -> Prediction:
+    """Extrapolate timings at fewer rows (ascending) to `m` rows. A kernel's time never falls as M
+    grows, and grows at most linearly (per-row cost falls as blocking improves), so the slope of
+    log-time vs log-M between the two largest probes is clamped to [0, 1]. The lower bound grows
+    only from a near-linear slope (`LINEAR_SLOPE`), and then by `trust` of it; otherwise it is the
+    largest probe's time.
+
+    >>> p = predict([(1, 1e-3), (4, 4e-3)], 64)
+    >>> round(p.point, 6), round(p.low, 6)
+    (0.064, 0.032)
+    """
+    if not rows:
+        raise ValueError("a prediction needs at least one timing at fewer rows")
+    last_m, last_t = rows[-1]
+    slope = 0.0
+    if len(rows) >= 2:
+        prev_m, prev_t = rows[-2]
+        if prev_t > 0 and last_t > 0 and last_m > prev_m:
+            slope = min(1.0, max(0.0, math.log(last_t / prev_t) / math.log(last_m / prev_m)))
+    ratio = max(1.0, m / last_m)
+    grows = trust * slope if slope >= LINEAR_SLOPE else 0.0
+    return Prediction(m=m, low=last_t * ratio ** grows, point=last_t * ratio ** slope, rows=tuple(rows))
+
+
+def hopeless_prediction(rows: Sequence[tuple[int, float]], m: int, factor: float, best: float) -> Prediction | None:
+    """The first prediction whose lower bound exceeds `factor` x `best` seconds (the candidate
+    cannot come within `factor` of the best) and whose predecessor, from one probe fewer, says
+    the same; else None. Two in a row, because one step can mislead: a kernel with a fast path
+    for one row (a matrix-vector product) jumps from 1 to 4 rows, then grows slowly. Taking the
+    first such prefix makes the answer the same whether the probes are measured now or read from
+    the cache, where a candidate skipped at its k-th probe has exactly k probes stored.
+
+    >>> rows = [(1, 1e-3), (4, 4e-3), (16, 16e-3)]
+    >>> hopeless_prediction(rows, 4096, 4.0, 0.02).rows[-1]
+    (16, 0.016)
+    >>> hopeless_prediction([(1, 1e-4), (4, 4e-3), (16, 4.2e-3)], 4096, 4.0, 0.05) is None
+    True
+    """
+    if factor <= 0 or not math.isfinite(best):
+        return None
+    bar = factor * best
+    for i in range(3, len(rows) + 1):
+        if predict(rows[: i - 1], m).low > bar and (p := predict(rows[:i], m)).low > bar:
+            return p
+    return None

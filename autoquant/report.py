@@ -5,7 +5,9 @@ kernels, no database.
 winner and kernel, cost and baseline cost in microseconds, speedup, SQNR, ``unseen_after`` (row
 counts M the finalized layer has run on that the warm run never showed, with call counts), and one
 column per candidate holding its cost in µs or the reason it has none. ``to_long_frame()`` has one row per
-(layer, candidate).
+(layer, candidate). ``to_ops_frame()`` has one row per (op, candidate): how tuning treated it, its
+cost predicted from probes at fewer rows, its first full-size call and its measured cost, so a
+skipped candidate shows why it was never timed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def _us(seconds: float | None) -> float:
 
 def _shapes(ops: dict) -> str:
     return "; ".join(f"{op.m}x{op.k}x{op.n} {op.dtype} x{n}" for op, n in sorted(ops.items()))
+
+
+def _status(trial: Any) -> str:
+    if trial.skipped or trial.reason:
+        return trial.reason or "skipped"
+    if trial.cached:
+        return "cached"
+    return "set aside: one full-size call" if trial.set_aside else "measured"
+
+
+def _weighted_prediction(ops: dict, per_op: dict) -> float:
+    """Count-weighted mean, in µs, of the predicted cost over the ops that have one (NaN: none)."""
+    pairs = [(per_op[op].prediction.point, n) for op, n in ops.items()
+             if op in per_op and per_op[op].prediction is not None]
+    total = sum(n for _, n in pairs)
+    return _us(sum(p * n for p, n in pairs) / total) if total else math.nan
 
 
 @dataclass
@@ -102,8 +120,32 @@ class TuningReport:
                     "packed_bytes": r.nbytes if r.nbytes is not None else math.nan,
                     "chosen": r.candidate in chosen,
                     "cached": bool(r.per_op) and all(t.cached for t in r.per_op.values()),
+                    "skipped": any(t.skipped for t in r.per_op.values()),
+                    "predicted_us": _weighted_prediction(plan.ops, r.per_op),
                 })
         return pd.DataFrame(rows)
+
+    def to_ops_frame(self) -> pd.DataFrame:
+        """One row per (op, candidate), each op once however many layers share it: `status`
+        (measured, cached, skipped, set aside, or why it was not run), `predicted_us` (the probes'
+        best guess at full size) and `predicted_low_us` (the bound skipping trusts), `first_call_us`
+        (its first full-size call), `cost_us` and `samples` (what the cost rests on)."""
+        seen: dict[tuple[Any, str], dict[str, Any]] = {}
+        for plan in self.layers:
+            for r in plan.rows:
+                for op, t in r.per_op.items():
+                    key = (op, r.candidate.name)
+                    if key in seen:
+                        continue
+                    part = next(iter(t.parts.values()), None)
+                    seen[key] = {
+                        "op": op.label(), "candidate": r.candidate.name, "status": _status(t),
+                        "predicted_us": _us(t.prediction.point if t.prediction else None),
+                        "predicted_low_us": _us(t.prediction.low if t.prediction else None),
+                        "first_call_us": _us(t.first_call_s), "cost_us": _us(t.cost.value if t.cost else None),
+                        "samples": part.samples if part is not None else 0,
+                    }
+        return pd.DataFrame(list(seen.values()))
 
     def to_markdown(self) -> str:
         return self.summary_frame().to_markdown(index=False)

@@ -203,7 +203,10 @@ def select_layer(
     else:
         plan.winner, plan.cost = winner, costs[winner]
         plan.sqnr_db = accuracy(winner)[0]
-        per_op = {op: {c: trials[op][c].cost for c in costs} for op in ops}
+        # Per op, every candidate measured there: one skipped at a large op (predicted hopeless,
+        # so never timed there) can still win the small ops of a dispatch.
+        per_op = {op: {c: t.cost for c, t in trials[op].items() if t.ok and t.cost is not None}
+                  for op in ops}
         found = _dispatch(ops, per_op, accuracy, config, plan.cost) if len(ops) > 1 else None
         if found is not None:
             plan.dispatch, plan.cost = found

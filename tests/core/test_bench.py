@@ -5,8 +5,16 @@ import time
 import pytest
 import torch
 
-from autoquant.bench import (BenchConfig, BenchJob, CountingTimer, CpuTimer, FakeTimer, fixed_threads,
-                             quantiles, time_callables)
+from autoquant.bench import (
+    BenchConfig,
+    BenchJob,
+    CountingTimer,
+    CpuTimer,
+    FakeTimer,
+    fixed_threads,
+    quantiles,
+    time_callables,
+)
 from autoquant.keys import BenchKey, Measurement, OpShape, Timed
 
 
@@ -231,3 +239,60 @@ def test_candidates_of_one_weight_format_share_the_quantized_weight():
     assert len({c.weight.data_ptr() for c in copies}) == 3
     with torch.no_grad():
         assert all(torch.equal(c(x), torch.nn.functional.linear(x, bench.weight, bench.bias)) for c in copies)
+
+
+@pytest.mark.parametrize("cold", [0, 1 << 20], ids=["hot", "cold"])
+def test_budget_sets_the_sample_count(cold):
+    """Within a time budget a job gets as many samples as fit, between min_samples and rounds: a
+    2 ms call gets the minimum in a 1 ms budget and all rounds without one."""
+    from autoquant.bench import measure_within
+
+    cfg = BenchConfig(rounds=9, min_samples=3, min_block_s=1e-3, warmup_s=0, cold_bytes=cold)
+    job = BenchJob(key("slow"), sleeper(2e-3))
+    [tight] = measure_within(CpuTimer(cfg), [job], torch.device("cpu"), 1e-3)
+    [free] = measure_within(CpuTimer(cfg), [job], torch.device("cpu"), None)
+    [roomy] = measure_within(CpuTimer(cfg), [job], torch.device("cpu"), 10.0)
+    assert tight.samples == 3 and free.samples == 9 and roomy.samples == 9
+    [probe] = measure_within(CpuTimer(cfg), [job], torch.device("cpu"), 0.0, least=5)
+    assert probe.samples == 5  # a caller may ask for more than the minimum (the tuner's probes)
+    with pytest.raises(ValueError, match="min_samples"):
+        BenchConfig(min_samples=0)
+
+
+def test_budget_falls_back_to_measure_for_user_timers():
+    """A user's timer without measure_within keeps its own sample count."""
+    from autoquant.bench import measure_within
+
+    class Mine:
+        def quick(self, job, device):
+            return 1.0
+
+        def measure(self, jobs, device):
+            return [Measurement(1.0, 1.0, 1.0, 7) for _ in jobs]
+
+    [m] = measure_within(Mine(), [BenchJob(key(), lambda: None)], torch.device("cpu"), 0.0)
+    assert m.samples == 7
+    counting = CountingTimer(Mine())
+    counting.measure_within([BenchJob(key(), lambda: None)], torch.device("cpu"), 0.5)
+    assert counting.budgets == [(key(), 0.5)] and counting.calls == 1
+
+
+def test_slow_calls_get_no_cold_copies():
+    """Copies keep calls cold; a call that lasts far longer than reading its weights from memory
+    gets one copy, so a timed pass of a slow kernel is one call, not a hundred."""
+    from autoquant.candidates import FloatCandidate
+    from autoquant.config import TuneConfig
+    from autoquant.tune import Trial, _OpBench
+
+    op = OpShape(3, 64, 48, True, "float32")
+    cand = FloatCandidate("aten")
+    bench = _OpBench(op, "env", torch.device("cpu"), CpuTimer(BenchConfig(cold_bytes=1 << 20)), TuneConfig(),
+                     {cand: Trial(cand)})
+    bench.build([cand])
+    assert bench.copies_of(cand, 50) == 50  # no first call yet: cold copies as asked
+    bench.first_calls[cand] = 1e-6
+    assert bench.copies_of(cand, 50) == 50  # a short call: its weight read matters
+    bench.first_calls[cand] = 0.5
+    assert bench.copies_of(cand, 50) == 1
+    [job] = bench.cold_jobs([cand], 50)
+    assert job.calls == 1
