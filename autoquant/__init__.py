@@ -12,14 +12,17 @@ from .hardware import AUTOQUANT_VERSION as __version__
 from .keys import BenchKey, Measurement, OpShape, Timed
 from .plan import apply_plan, load_plan, save_plan
 from .pretune import pretune
+from .quantize import quantize
 from .profile import ShapeProfile, record_shapes
 from .serialize import load, save
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight
+from .tune import CudaFaultError
 
 __all__ = [
     "__version__", "autoquant", "finalize", "report", "get_report", "DEFAULT_CACHE",
     "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
     "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
-    "apply_plan", "load_plan", "save_plan", "pretune", "ShapeProfile", "record_shapes", "save", "load",
+    "apply_plan", "load_plan", "save_plan", "pretune", "quantize", "ShapeProfile", "record_shapes", "save", "load",
+    "CudaFaultError",
 ]

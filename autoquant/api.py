@@ -139,6 +139,8 @@ def autoquant(
     timer: Timer | None = None,
     bench: BenchConfig | None = None,
     on_miss: str = "bench",
+    op_budget_s: float | None = 5.0,
+    hopeless_factor: float = 4.0,
 ) -> nn.Module:
     """Prepare `model` (in place) so each nn.Linear ends up on its fastest kernel here.
 
@@ -158,6 +160,12 @@ def autoquant(
     - `on_miss`: what to do for measurements the cache lacks: "bench" (time them), "error"
       (raise CacheMissError before timing anything: strict deployments on pre-tuned SKUs) or
       "baseline" (time nothing; layers without cached figures stay float).
+    - `op_budget_s`: about how long timing one unique op may take (samples adapt to it; None: full
+      sample counts). `hopeless_factor`: candidates predicted (from probes at fewer rows) or first
+      measured this many times slower than the best are not timed further (0: time everything).
+      Both are shown per candidate by ``autoquant.get_report(model).to_ops_frame()``.
+    - A sticky CUDA error (illegal memory access, device-side assert) stops tuning with
+      ``autoquant.CudaFaultError``; what was measured before it stays in the cache.
 
     Changes no global state (inductor flags, TF32, logging config). Works on a plain module and on
     a ``torch.compile``-d one. Returns `model`.
@@ -184,7 +192,8 @@ def autoquant(
         raise ValueError(f"on_miss={on_miss!r}: use one of {ON_MISS}")
     config = TuneConfig(
         cost_model=CostModel.parse(mode), min_sqnr=min_sqnr,
-        candidates=None, bench=bench or BenchConfig(),
+        candidates=None, bench=bench or BenchConfig(), op_budget_s=op_budget_s,
+        hopeless_factor=hopeless_factor,
     )
     layers, skipped = _select_layers(root, filter_fn)
     if not layers:
@@ -355,11 +364,46 @@ def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], s
         device_trials = trials.get(weight.device, {})
         plans[name] = select_layer(name, ops, device_trials, weight, bias, rec.activations(), session.config)
     timed_any = any(t.ok for dev in trials.values() for per in dev.values() for t in per.values())
+    f64 = sorted(name for name, rec in session.records.items()
+                 if any(op.m > 0 and op.dtype == "float64" for op in rec.counts))
+    for name in f64:
+        if plans[name].winner is None or is_baseline(plans[name].winner):
+            plans[name].status = f"kept float: {_FLOAT64}"
     if by_device and not timed_any:
-        msg = "autoquant: NOTHING could be timed (every candidate failed or no timing backend): the model stays float"
+        if f64 and len(f64) == sum(1 for r in session.records.values() if r.calls):
+            msg = f"autoquant: nothing was timed and the model stays float: {_FLOAT64}"
+        else:
+            msg = "autoquant: NOTHING could be timed (every candidate failed or no timing backend): the model stays float"
         log.error("%s", msg)
         warnings_.append(msg)
+    warnings_.extend(_nonfinite_notes(session, plans))
     return plans, envs, safe.describe(), warnings_
+
+
+_FLOAT64 = ("no quantized kernel takes float64 activations; cast the model and its inputs to float32 "
+            "or bfloat16 (model.float() / model.bfloat16()) and run autoquant again")
+
+
+def _nonfinite_notes(session: _Session, plans: dict[str, LayerPlan]) -> list[str]:
+    """Say why layers whose recorded activations hold NaN or Inf stayed float: their accuracy
+    cannot be measured (SQNR of NaN), so no quantized kernel can be shown to be safe."""
+    bad = []
+    for name, rec in session.records.items():
+        acts = rec.activations()
+        if acts is None or bool(torch.isfinite(acts).all()):
+            continue
+        bad.append(name)
+        plan = plans.get(name)
+        if plan is not None and (plan.winner is None or is_baseline(plan.winner)):
+            plan.status = ("kept float: its recorded activations hold NaN or Inf (from the example input or "
+                           "an earlier layer), so no quantized kernel's accuracy could be checked; tune on finite inputs")
+    if not bad:
+        return []
+    msg = (f"autoquant: the recorded activations of {len(bad)} layer(s) ({', '.join(bad[:5])}"
+           f"{', ...' if len(bad) > 5 else ''}) hold NaN or Inf: accuracy cannot be measured on them, so "
+           "they stay float unless a winner was found anyway; run autoquant on finite example inputs")
+    log.warning("%s", msg)
+    return [msg]
 
 
 def get_report(model: nn.Module) -> TuningReport:

@@ -8,99 +8,17 @@ nn.Linear with a plain Parameter (zero overhead). Others become a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .candidates import Candidate, QuantizedLinear
-from .candidates._cpu_ops import tracing as _tracing
+from .candidates.quantized_linear import DispatchLinear
 from .selection import Dispatch, LayerPlan, is_baseline
 from .subclass import AutoQuantizableLinearWeight
 
-__all__ = ["DispatchLinear", "build_layer", "label", "restore_float", "replace_module"]
-
-
-class DispatchLinear(QuantizedLinear):
-    """One packed weight read by two kernels: `small` for M < threshold, `large` otherwise.
-
-    Both candidates declare the same ``weight_format``, so ``small.quantize`` produces tensors
-    ``large`` reads too: the layer costs no more memory than either alone.
-    """
-
-    def __init__(self, dispatch: Dispatch, packed: dict[str, Tensor], bias: Tensor | None,
-                 in_features: int, out_features: int, *, act_dtype: torch.dtype | None = None,
-                 tuned_m: frozenset[int] | None = None, name: str = "") -> None:
-        super().__init__(dispatch.small, packed, bias, in_features, out_features, act_dtype=act_dtype,
-                         tuned_m=tuned_m, name=name)
-        self.dispatch = dispatch
-        self.threshold = dispatch.threshold
-        self._large_runtime = dispatch.large.prepare(packed)
-        large = dispatch.large
-        self._large_linear = large.linear if large.traceable else torch.compiler.disable(large.linear)
-        self._eager = self._make_eager()  # now that both kernels are known
-
-    def refresh_runtime(self) -> None:
-        if hasattr(self, "dispatch"):
-            self._large_runtime = self.dispatch.large.prepare(self.packed())
-        super().refresh_runtime()
-
-    def _make_eager(self) -> Callable[[Tensor], Tensor] | None:
-        """One closure switching on M between the two kernels' closures. A kernel without one
-        runs its ``linear`` on the folded input. None until both kernels are known."""
-        d = self.__dict__
-        if "dispatch" not in d or self.act_dtype is None:
-            return None
-        buffers, dtype = self._buffers, self.act_dtype
-        try:
-            small = self.dispatch.small.eager(buffers, self._runtime, dtype)  # type: ignore[arg-type]
-            large = self.dispatch.large.eager(buffers, self._large_runtime, dtype)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - an optional shortcut: the generic path always works
-            return None
-        small = small or _folded_linear(self._linear, buffers, self._runtime, self.in_features)
-        large = large or _folded_linear(self._large_linear, buffers, self._large_runtime, self.in_features)
-        rows_times_k = self.threshold * self.in_features  # M < threshold <=> numel < threshold * K
-
-        def run(x: Tensor) -> Tensor:
-            return small(x) if x.numel() < rows_times_k else large(x)
-
-        return run
-
-    def _kernel(self, x2: Tensor) -> Tensor:
-        buffers = self._buffers
-        if x2.shape[0] < self.threshold:
-            return self._linear(x2, buffers, self._runtime, buffers["bias"])
-        return self._large_linear(x2, buffers, self._large_runtime, buffers["bias"])
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.act_dtype and x.dim() == 2 and x.is_contiguous() and x.shape[1] == self.in_features:
-            m = x.shape[0]
-            if self.tuned_m and not _tracing() and m not in self.tuned_m:
-                self._note_unseen(m)
-            buffers = self._buffers
-            if m < self.threshold:
-                return self._linear(x, buffers, self._runtime, buffers["bias"])
-            return self._large_linear(x, buffers, self._large_runtime, buffers["bias"])
-        return self._general(x)
-
-    def extra_repr(self) -> str:
-        d = self.dispatch
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"M<{d.threshold}: {d.small.name}, else {d.large.name}")
-
-
-def _folded_linear(linear: Callable[..., Tensor], buffers: dict[str, Any], runtime: Any,
-                   k: int) -> Callable[[Tensor], Tensor]:
-    """A kernel's generic ``linear`` as an eager closure: x folded to a contiguous [M, K]."""
-    def run(x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, k)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = linear(x2, buffers, runtime, buffers["bias"])
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-
-    return run
+__all__ = ["DispatchLinear", "build_layer", "from_linear", "label", "make_layer", "restore_float", "replace_module"]
 
 
 def plain_weight(linear: nn.Linear) -> Tensor:
@@ -117,21 +35,37 @@ def restore_float(linear: nn.Linear) -> None:
         linear.weight = nn.Parameter(w.unwrap(), requires_grad=w.requires_grad)
 
 
+def make_layer(choice: Candidate | Dispatch, in_features: int, out_features: int, *, bias: Tensor | None,
+               act_dtype: torch.dtype, tuned_m: frozenset[int], name: str, weight: Tensor | None = None,
+               packed: dict[str, Tensor] | None = None) -> QuantizedLinear:
+    """The finalized layer running `choice` (a candidate, or an M-dispatch pair): the one
+    constructor behind finalize, ``apply_plan`` and ``load``, so the three cannot drift apart.
+    `packed`: the quantized tensors (``load``), else `weight` [N, K] is quantized here."""
+    if packed is None:
+        if weight is None:
+            raise ValueError(f"layer {name!r}: make_layer needs the float weight or the packed tensors")
+        quantizer = choice.small if isinstance(choice, Dispatch) else choice
+        with torch.no_grad():
+            packed = quantizer.quantize(weight.detach())
+    cls = DispatchLinear if isinstance(choice, Dispatch) else QuantizedLinear
+    return cls(choice, packed, bias, in_features, out_features, act_dtype=act_dtype,  # type: ignore[arg-type]
+               tuned_m=tuned_m, name=name)
+
+
 def build_layer(plan: LayerPlan, linear: nn.Linear) -> nn.Module | None:
     """The module that replaces `linear` under `plan`, or None to keep the float nn.Linear."""
-    weight = plain_weight(linear)
-    bias = None if linear.bias is None else linear.bias.detach()
-    tuned_m = frozenset(op.m for op in plan.ops)
-    if plan.dispatch is not None:
-        with torch.no_grad():
-            packed = plan.dispatch.small.quantize(weight)
-        return DispatchLinear(plan.dispatch, packed, None if bias is None else bias.clone(),
-                              linear.in_features, linear.out_features, act_dtype=weight.dtype,
-                              tuned_m=tuned_m, name=plan.name)
-    winner: Candidate | None = plan.winner
-    if winner is None or is_baseline(winner):
+    choice: Candidate | Dispatch | None = plan.dispatch or plan.winner
+    if choice is None or (isinstance(choice, Candidate) and is_baseline(choice)):
         return None
-    return label(winner.build(weight, bias), plan.name, tuned_m)
+    return from_linear(choice, linear, frozenset(op.m for op in plan.ops), plan.name)
+
+
+def from_linear(choice: Candidate | Dispatch, linear: nn.Linear, tuned_m: frozenset[int], name: str) -> QuantizedLinear:
+    """`choice` built from the float layer `linear` (its weight quantized, its bias copied)."""
+    weight = plain_weight(linear)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return make_layer(choice, linear.in_features, linear.out_features, bias=bias, act_dtype=weight.dtype,
+                      tuned_m=tuned_m, name=name, weight=weight)
 
 
 def label(layer: QuantizedLinear, name: str, tuned_m: frozenset[int] | None) -> QuantizedLinear:

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from .candidates import Candidate, QuantizedLinear, candidate_from_json
-from .finalize import DispatchLinear, copy_hooks, label, plain_weight, replace_module
+from .finalize import DispatchLinear, copy_hooks, from_linear, replace_module
 from .hardware import Environment, environment
 from .keys import dtype_name, parse_dtype
 from .selection import Dispatch, is_baseline
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "layer_from_plan", "layer_meta"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "choice_of", "layer_from_plan", "layer_meta",
+           "shape_mismatch"]
 
 log = logging.getLogger("autoquant")
 
@@ -44,10 +45,28 @@ def _cand_json(c: Candidate) -> dict[str, Any]:
 def _layer_facts(mod: QuantizedLinear) -> dict[str, Any]:
     """What a rebuilt layer needs besides its candidate: the activation dtype it was tuned for and
     the M values it was tuned on (so shapes never seen stay flagged after save / load)."""
-    out: dict[str, Any] = {"tuned_m": sorted(mod.tuned_m)}
+    out: dict[str, Any] = {"tuned_m": sorted(mod.tuned_m), **_shape(mod)}
     if mod.act_dtype is not None:
         out["dtype"] = dtype_name(mod.act_dtype)
     return out
+
+
+def _shape(mod: nn.Module) -> dict[str, int]:
+    """The layer's in/out features: applying or loading onto another shape is then caught."""
+    return {"in_features": int(mod.in_features), "out_features": int(mod.out_features)}
+
+
+def shape_mismatch(entry: dict[str, Any], linear: nn.Module) -> str | None:
+    """Both shapes, where the entry names one the layer does not have; None where they agree or
+    the entry (a plan from autoquant 0.2.2 or older) names none."""
+    if "in_features" not in entry:
+        return None
+    planned = (int(entry["out_features"]), int(entry["in_features"]))
+    here = (int(linear.out_features), int(linear.in_features))
+    if planned == here:
+        return None
+    return (f"out_features x in_features = {planned[0]} x {planned[1]} in the plan, {here[0]} x {here[1]} "
+            "in this model")
 
 
 def layer_meta(entry: dict[str, Any], linear: nn.Linear) -> tuple[torch.dtype, frozenset[int]]:
@@ -70,7 +89,7 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
         elif isinstance(mod, QuantizedLinear):
             layers[name] = {"kind": "candidate", **_cand_json(mod.candidate), **_layer_facts(mod)}
         elif isinstance(mod, nn.Linear):
-            layers[name] = {"kind": "float"}
+            layers[name] = {"kind": "float", **_shape(mod)}
         else:
             continue
         if device is None:
@@ -126,21 +145,23 @@ def _candidate(entry: dict[str, Any], where: str) -> Candidate:
     return cand
 
 
-def layer_from_plan(entry: dict[str, Any], linear: nn.Linear, where: str) -> nn.Module | None:
-    """The module `entry` asks for, built from `linear`'s weights; None keeps the float layer."""
-    weight = plain_weight(linear)
-    bias = None if linear.bias is None else linear.bias.detach()
+def choice_of(entry: dict[str, Any], where: str) -> Candidate | Dispatch | None:
+    """What a plan entry asks a layer to run; None keeps the float nn.Linear."""
     if entry["kind"] == "float":
         return None
-    dtype, tuned_m = layer_meta(entry, linear)
     if entry["kind"] == "candidate":
         cand = _candidate(entry, where)
-        return None if is_baseline(cand) else label(cand.build(weight, bias), where, tuned_m)
-    d = Dispatch(_candidate(entry["small"], where), _candidate(entry["large"], where), int(entry["threshold"]))
-    with torch.no_grad():
-        packed = d.small.quantize(weight)
-    return DispatchLinear(d, packed, None if bias is None else bias.clone(), linear.in_features, linear.out_features,
-                          act_dtype=weight.dtype, tuned_m=tuned_m, name=where)
+        return None if is_baseline(cand) else cand
+    return Dispatch(_candidate(entry["small"], where), _candidate(entry["large"], where), int(entry["threshold"]))
+
+
+def layer_from_plan(entry: dict[str, Any], linear: nn.Linear, where: str) -> nn.Module | None:
+    """The module `entry` asks for, built from `linear`'s weights; None keeps the float layer."""
+    choice = choice_of(entry, where)
+    if choice is None:
+        return None
+    _, tuned_m = layer_meta(entry, linear)
+    return from_linear(choice, linear, tuned_m, where)
 
 
 def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:
@@ -154,9 +175,11 @@ def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:
     return f"plan was tuned on {planned.short()}, this is {here.short()} (differs in: {', '.join(diff)})"
 
 
-def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict) -> nn.Module:
+def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict, *, strict: bool = False) -> nn.Module:
     """Turn each float nn.Linear named in `plan` into its planned layer; benchmarks nothing.
-    Warns when the plan's environment fingerprint differs from this device's."""
+    Warns when the plan's environment fingerprint differs from this device's. A layer whose
+    shape differs from the one the plan was made for keeps float, with a warning naming both
+    shapes; ``strict=True`` raises instead (a plan applied to the wrong model)."""
     plan = load_plan(plan)
     root = getattr(model, "_orig_mod", model)
     warned = False
@@ -168,6 +191,13 @@ def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict) -> nn.Modu
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"plan layer {name!r} is a {type(linear).__name__} here, not a float nn.Linear "
                              "(apply a plan to the float model, before any autoquant)")
+        mismatch = shape_mismatch(entry, linear)
+        if mismatch:
+            msg = f"apply_plan: layer {name!r} has {mismatch}"
+            if strict:
+                raise ValueError(f"{msg}: this plan was made for another model (strict=True)")
+            log.warning("%s: kept float (pass strict=True to make this an error)", msg)
+            continue
         if not warned:
             problem = _env_mismatch(plan, linear.weight.device)
             if problem:

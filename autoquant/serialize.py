@@ -31,9 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .candidates import QuantizedLinear
-from .finalize import DispatchLinear, copy_hooks, replace_module
-from .plan import _candidate, layer_meta, load_plan, plan_of
-from .selection import Dispatch, is_baseline
+from .finalize import copy_hooks, make_layer, replace_module
+from .plan import choice_of, layer_meta, load_plan, plan_of, shape_mismatch
 
 __all__ = ["save", "load", "WEIGHTS_FILE", "PLAN_FILE"]
 
@@ -112,22 +111,46 @@ def _read(directory: Path, device: torch.device | str) -> tuple[dict[str, Tensor
 
 
 def _layer(entry: dict[str, Any], name: str, linear: nn.Linear, tensors: dict[str, Tensor]) -> nn.Module | None:
-    if entry["kind"] == "float":
+    choice = choice_of(entry, name)
+    if choice is None:
         return None
     prefix = name + "."
     packed = {k[len(prefix):]: v for k, v in tensors.items()
               if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
-    bias = tensors.get(prefix + "bias")
     dtype, tuned_m = layer_meta(entry, linear)
-    if entry["kind"] == "candidate":
-        cand = _candidate(entry, name)
-        if is_baseline(cand):
+    return make_layer(choice, linear.in_features, linear.out_features, bias=tensors.get(prefix + "bias"),
+                      act_dtype=dtype, tuned_m=tuned_m, name=name, packed=packed)
+
+
+# Packed tensors whose shape gives the saved layer's [out_features, in_features] (int4: two codes a byte).
+_WEIGHT_KEYS = {"weight": 1, "w_int8": 1, "w_fp8": 1, "w_int4": 2}
+
+
+def _saved_shape_mismatch(entry: dict[str, Any], name: str, linear: nn.Linear,
+                          tensors: dict[str, Tensor]) -> str | None:
+    """For saves that name no shape (autoquant 0.2.2): read it off the packed weight."""
+    if entry["kind"] == "float" or "in_features" in entry:
+        return None
+    for key, per_byte in _WEIGHT_KEYS.items():
+        t = tensors.get(f"{name}.{key}")
+        if t is not None and t.dim() == 2:
+            saved = (t.shape[0], t.shape[1] * per_byte)
+            here = (linear.out_features, linear.in_features)
+            if saved != here:
+                return (f"out_features x in_features = {saved[0]} x {saved[1]} in the save, {here[0]} x "
+                        f"{here[1]} in this model")
             return None
-        return QuantizedLinear(cand, packed, bias, linear.in_features, linear.out_features, act_dtype=dtype,
-                               tuned_m=tuned_m, name=name)
-    d = Dispatch(_candidate(entry["small"], name), _candidate(entry["large"], name), int(entry["threshold"]))
-    return DispatchLinear(d, packed, bias, linear.in_features, linear.out_features, act_dtype=dtype,
-                          tuned_m=tuned_m, name=name)
+    return None
+
+
+def _check_shapes(root: nn.Module, tensors: dict[str, Tensor], directory: Any) -> None:
+    """torch's own size-mismatch error lists raw keys; this names the tensor and both shapes."""
+    here = root.state_dict(keep_vars=True)
+    for key, t in tensors.items():
+        mine = here.get(key)
+        if mine is not None and tuple(mine.shape) != tuple(t.shape):
+            raise ValueError(f"{directory}: {key} was saved with shape {list(t.shape)}, this model's is "
+                             f"{list(mine.shape)}: load into the architecture that was saved")
 
 
 def load(model: nn.Module, directory: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> nn.Module:
@@ -143,11 +166,16 @@ def load(model: nn.Module, directory: str | os.PathLike[str], *, device: torch.d
                              "load into the same architecture that was saved") from exc
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"layer {name!r} is a {type(linear).__name__} here; load() needs the float architecture")
+        problem = shape_mismatch(entry, linear) or _saved_shape_mismatch(entry, name, linear, tensors)
+        if problem:
+            raise ValueError(f"{directory}: layer {name!r} has {problem}: load into the architecture "
+                             "that was saved (same layer sizes)")
         new = _layer(entry, name, linear, tensors)
         if new is not None:
             copy_hooks(linear, new)
             replace_module(root, name, new)
     persistent = {k: v for k, v in tensors.items() if k not in set(nonpersistent)}
+    _check_shapes(root, persistent, directory)
     missing, unexpected = root.load_state_dict(persistent, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{directory} does not match this model: missing {sorted(missing)[:5]}, "

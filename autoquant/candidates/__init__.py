@@ -1,7 +1,9 @@
 """Candidate families behind one protocol (DESIGN.md section 3), and the default list per device.
 
 Importing this package registers every family (float, int8_weight_only, int8_dynamic,
-int4_weight_only, fp8_weight_only, fp8_dynamic). It queries no device: device facts are read when
+int4_weight_only, fp8_weight_only, fp8_dynamic) and, for the first four, one class per kernel
+(``register_kernel``): ``Int8Dynamic("fbgemm")`` is an ``Int8DynamicFbgemm``, with the family's
+params and JSON identity. It queries no device: device facts are read when
 ``default_candidates`` or a ``supports()`` is called.
 
 >>> import torch
@@ -21,7 +23,7 @@ from . import fp8 as _fp8  # noqa: F401
 from . import int4_weight_only as _int4  # noqa: F401
 from . import int8_dynamic as _int8_dynamic  # noqa: F401
 from . import int8_weight_only as _int8_weight_only  # noqa: F401
-from .base import Candidate, QuantizedLinear, candidate_from_json, families, get_family, register
+from .base import Candidate, QuantizedLinear, candidate_from_json, families, get_family, register, register_kernel
 from .float import FloatCandidate, is_baseline
 from .fp8 import Fp8Dynamic, Fp8WeightOnly
 from .int4_weight_only import Int4WeightOnly
@@ -43,6 +45,7 @@ __all__ = [
     "get_family",
     "is_baseline",
     "register",
+    "register_kernel",
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -91,6 +94,8 @@ def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candida
     names the reason. Left out everywhere: ``int8_weight_only(kernel=dequant)``, which
     materializes the float weight on every call and can never beat the baseline (build it
     explicitly when wanted). fp8_weight_only keeps its dequant kernel, its only one, on CUDA.
+    Left out on CUDA: ``int8_weight_only(kernel=int8pack)``: torch's CUDA ``_weight_int8pack_mm`` is a
+    naive kernel (one thread per output, float32 upcast) that never beats bf16 ``F.linear``.
     Left out on CPU: both fp8 families. A CPU has no fp8 arithmetic: ``_scaled_mm`` is a reference
     loop and the dequant kernel does F.linear plus a cast of the whole weight per call; measured
     with benchmarks/bench_e2e.py (DemoMLP h=1024) they run 9-13x slower than fp32 F.linear at
@@ -100,7 +105,7 @@ def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candida
     device = torch.device(device)
     if device.type == "cuda":
         out = _float_cuda(dtype)
-        out += [Int8WeightOnly("int8pack"), Int8WeightOnly("triton")]
+        out += [Int8WeightOnly("triton")]
         out += [Int8Dynamic("int_mm"), Int8Dynamic("triton")]
         out += [Int4WeightOnly(k, g) for k in ("tinygemm", "triton") for g in INT4_GROUP_SIZES]
         out += [Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm"), Fp8Dynamic("triton")]

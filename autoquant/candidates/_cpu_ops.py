@@ -1,9 +1,10 @@
 """Opaque CPU ops over plain tensors for the kernels that need a prepacked weight.
 
-fbgemm hands back its prepacked weight as a TorchScript object that dynamo cannot trace and
-export cannot serialize, and inductor's lowering of ``mkldnn._linear_pointwise`` /
-``onednn.qlinear_pointwise`` insists on weights it packed itself. So each such kernel is one
-``torch.library.custom_op`` in the ``autoquant`` namespace whose arguments are the layer's plain
+fbgemm hands back its prepacked weight as a TorchScript object that dynamo cannot trace (it has no
+``__obj_flatten__``, so it cannot be a fake-able module constant either) and export cannot
+serialize, and inductor's lowering of ``mkldnn._linear_pointwise`` / ``onednn.qlinear_pointwise``
+insists on weights it packed itself. So each such kernel is one op in the ``autoquant`` namespace
+(a ``torch.library.Library`` definition with a CPU kernel) whose arguments are the layer's plain
 buffers (int8 / fp16 / packed-int4 weight, scales), with a fake impl for shapes and dtypes::
 
     autoquant::cpu_onednn_linear(x, w, bias?) -> y                    x.dtype == w.dtype
@@ -38,10 +39,9 @@ oneDNN can unpack), which would make a finalized layer unable to move across dev
 not done. int8 weight-only (int8pack) keeps no copy (its runtime state is the scales per float
 dtype), so it is the int8 scheme to pick where memory is the constraint.
 
-In eager mode the layers call the Python implementation directly (the dispatcher round trip of a
-Python custom op costs 15-25 us here, more than most of these kernels at M=1); under
-torch.compile / torch.export, or when a dispatch mode is active (fake tensors), they go through the
-registered op.
+In eager mode the layers call the C++ kernels from closures (``eager_*`` below), skipping even the
+dispatcher's round trip into the Python body; under torch.compile / torch.export, or when a
+dispatch mode is active (fake tensors), they go through the registered op (one round trip per call).
 """
 
 from __future__ import annotations
@@ -275,89 +275,88 @@ def prepack(kind: str, *sources: Tensor) -> None:
     PREPACK_CACHE.get(kind, sources, build)
 
 
-def _handle(kind: str, *sources: Tensor) -> Any:
-    return PREPACK_CACHE.get(kind, sources, _BUILDERS[kind][0])
-
-
 # ---- the ops: Python bodies, registered ops, fake impls -------------------------------------------
+# What a compiled or exported graph calls, once per layer call. Each body goes straight to the C++
+# kernel (one cache lookup, no helper frame).
 def _onednn_linear_impl(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    return c_op("mkldnn::_linear_pointwise")(x, _handle("onednn", w), bias, "none", [], "")
+    handle = PREPACK_CACHE.get("onednn", (w,), _build_onednn)
+    return c_op("mkldnn::_linear_pointwise")(x, handle, bias, "none", [], "")
 
 
 def _fbgemm_fp16_impl(x: Tensor, w: Tensor) -> Tensor:
-    return c_op("quantized::linear_dynamic_fp16")(x, _handle("fbgemm_fp16", w))
+    return c_op("quantized::linear_dynamic_fp16")(x, PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16))
 
 
 def _fbgemm_int8_impl(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     # reduce_range=True: 7-bit activation codes (int16 pair saturation on AVX2, see int8_dynamic.py).
-    return c_op("quantized::linear_dynamic")(x, _handle("fbgemm_int8", w_int8, w_scale), True)
+    handle = PREPACK_CACHE.get("fbgemm_int8", (w_int8, w_scale), _build_fbgemm_int8)
+    return c_op("quantized::linear_dynamic")(x, handle, True)
 
 
 def _onednn_qlinear_impl(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
-    packed, w_zp = _handle("onednn_int8", w_int8, w_scale)
+    packed, w_zp = PREPACK_CACHE.get("onednn_int8", (w_int8, w_scale), _build_onednn_int8)
     # x_scale 1.0: the caller applies the per-token scales after (see int8_dynamic.py).
     return c_op("onednn::qlinear_pointwise")(x_u8, 1.0, x_zero_point, packed, w_scale, w_zp,
                                              None, 1.0, 0, torch.float32, "none", [], "")
 
 
 def _int4pack_impl(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    return c_op("aten::_weight_int4pack_mm_for_cpu")(x, _handle("int4pack", w_int4), group_size,
-                                                     scales_and_zeros)
+    handle = PREPACK_CACHE.get("int4pack", (w_int4,), _build_int4)
+    return c_op("aten::_weight_int4pack_mm_for_cpu")(x, handle, group_size, scales_and_zeros)
 
 
-_OPTS = {"mutates_args": (), "device_types": "cpu"}
+# Registered with a plain ``torch.library.Library`` and a CPU kernel, not ``torch.library.custom_op``:
+# custom_op adds a Python autograd kernel that every call crosses, grad mode on or off (the compiled
+# model's per-layer cost: benchmarks/bench_compile.py). The input gradient is QuantizedLinear's (an
+# autograd.Function around the kernel, only where one is needed, see grad.py); called on its own with inputs that require grad, an op
+# gives none (torch warns, as for any op without an autograd formula). The schemas are those
+# custom_op inferred before (exported programs name these ops).
+_LIB = torch.library.Library("autoquant", "FRAGMENT")  # the Triton ops share the namespace
+_SCHEMAS = {
+    "cpu_onednn_linear": ("(Tensor x, Tensor w, Tensor? bias) -> Tensor", _onednn_linear_impl),
+    "cpu_fbgemm_fp16_linear": ("(Tensor x, Tensor w) -> Tensor", _fbgemm_fp16_impl),
+    "cpu_fbgemm_int8_linear": ("(Tensor x, Tensor w_int8, Tensor w_scale) -> Tensor", _fbgemm_int8_impl),
+    "cpu_onednn_qlinear": ("(Tensor x_u8, SymInt x_zero_point, Tensor w_int8, Tensor w_scale) -> Tensor",
+                           _onednn_qlinear_impl),
+    "cpu_int4pack_mm": ("(Tensor x, Tensor w_int4, Tensor scales_and_zeros, SymInt group_size) -> Tensor",
+                        _int4pack_impl),
+}
+for _name, (_schema, _impl) in _SCHEMAS.items():
+    _LIB.define(_name + _schema)
+    _LIB.impl(_name, _impl, "CPU")
 
-
-@torch.library.custom_op("autoquant::cpu_onednn_linear", **_OPTS)
-def _onednn_linear_op(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    return _onednn_linear_impl(x, w, bias)
-
-
-@torch.library.custom_op("autoquant::cpu_fbgemm_fp16_linear", **_OPTS)
-def _fbgemm_fp16_op(x: Tensor, w: Tensor) -> Tensor:
-    return _fbgemm_fp16_impl(x, w)
-
-
-@torch.library.custom_op("autoquant::cpu_fbgemm_int8_linear", **_OPTS)
-def _fbgemm_int8_op(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
-    return _fbgemm_int8_impl(x, w_int8, w_scale)
-
-
-@torch.library.custom_op("autoquant::cpu_onednn_qlinear", **_OPTS)
-def _onednn_qlinear_op(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
-    return _onednn_qlinear_impl(x_u8, x_zero_point, w_int8, w_scale)
-
-
-@torch.library.custom_op("autoquant::cpu_int4pack_mm", **_OPTS)
-def _int4pack_op(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    return _int4pack_impl(x, w_int4, scales_and_zeros, group_size)
+_onednn_linear_op = torch.ops.autoquant.cpu_onednn_linear.default
+_fbgemm_fp16_op = torch.ops.autoquant.cpu_fbgemm_fp16_linear.default
+_fbgemm_int8_op = torch.ops.autoquant.cpu_fbgemm_int8_linear.default
+_onednn_qlinear_op = torch.ops.autoquant.cpu_onednn_qlinear.default
+_int4pack_op = torch.ops.autoquant.cpu_int4pack_mm.default
 
 
 def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return x.new_empty((x.shape[0], n), dtype=dtype)
 
 
-@_onednn_linear_op.register_fake
+@torch.library.register_fake("autoquant::cpu_onednn_linear", lib=_LIB)
 def _(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return _out(x, w.shape[0], x.dtype)
 
 
-@_fbgemm_fp16_op.register_fake
+@torch.library.register_fake("autoquant::cpu_fbgemm_fp16_linear", lib=_LIB)
 def _(x: Tensor, w: Tensor) -> Tensor:
     return _out(x, w.shape[0], torch.float32)
 
 
-@_fbgemm_int8_op.register_fake
+@torch.library.register_fake("autoquant::cpu_fbgemm_int8_linear", lib=_LIB)
 def _(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     return _out(x, w_int8.shape[0], torch.float32)
 
 
-@_onednn_qlinear_op.register_fake
+@torch.library.register_fake("autoquant::cpu_onednn_qlinear", lib=_LIB)
 def _(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     return _out(x_u8, w_int8.shape[0], torch.float32)
 
 
-@_int4pack_op.register_fake
+@torch.library.register_fake("autoquant::cpu_int4pack_mm", lib=_LIB)
 def _(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     return _out(x, w_int4.shape[0], x.dtype)
 

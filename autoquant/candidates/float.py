@@ -32,8 +32,9 @@ cast back. A bf16 model on a CPU without bf16 units runs much faster with comput
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -57,11 +58,10 @@ from ._util import (
     not_cpu_reason,
     op_dtype,
 )
-from .base import Candidate, register
+from .base import Candidate, register, register_kernel
 
-__all__ = ["FloatCandidate", "is_baseline"]
+__all__ = ["FloatAten", "FloatCandidate", "FloatFbgemmFp16", "FloatOnednn", "is_baseline"]
 
-KERNELS = ("aten", "onednn", "fbgemm_fp16")
 _COMPUTE_DTYPES = dict(zip(FLOAT_NAMES, FLOAT_DTYPES))
 
 
@@ -92,6 +92,9 @@ def is_baseline(c: Candidate) -> bool:
 @register
 @dataclass(frozen=True)
 class FloatCandidate(Candidate):
+    """The family: compute-dtype handling, the reference. Each kernel is a subclass below
+    (``FloatCandidate("onednn")`` builds a :class:`FloatOnednn`)."""
+
     family: ClassVar[str] = "float"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 0
@@ -100,8 +103,7 @@ class FloatCandidate(Candidate):
     compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"float: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
+        super().__post_init__()
         if self.compute_dtype is not None and self.compute_dtype not in FLOAT_NAMES:
             raise ValueError(f"float: compute_dtype must be None or one of {FLOAT_NAMES}, got {self.compute_dtype!r}")
 
@@ -109,8 +111,9 @@ class FloatCandidate(Candidate):
     # per-instance properties (read them from an instance, not from the class).
     @property  # type: ignore[override]
     def lossless(self) -> bool:
-        """aten / onednn in the activation dtype quantize nothing (oneDNN may sum in another order)."""
-        return self.kernel in ("aten", "onednn") and self.compute_dtype is None
+        """In the activation dtype nothing is rounded (oneDNN may sum in another order); fbgemm_fp16
+        overrides this (its weight is fp16)."""
+        return self.compute_dtype is None
 
     @property  # type: ignore[override]
     def min_sqnr_db(self) -> float:
@@ -119,8 +122,8 @@ class FloatCandidate(Candidate):
             return float("inf")
         if self.compute_dtype == "bfloat16":
             return 40.0  # bf16 rounding of x, w and the output: measured ~51 dB
-        if self.kernel == "fbgemm_fp16" or self.compute_dtype == "float16":
-            return 55.0  # fp16 weight (and x for compute_dtype float16): measured ~73 / ~69 dB
+        if self.compute_dtype == "float16":
+            return 55.0  # fp16 x and weight: measured ~69 dB
         return 80.0  # compute in float32 for a bf16/fp16 model: only the cast back rounds
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -128,27 +131,100 @@ class FloatCandidate(Candidate):
         # A dict lookup, not parse_dtype: this runs on every call (__post_init__ checked the name).
         return x_dtype if self.compute_dtype is None else _COMPUTE_DTYPES[self.compute_dtype]
 
-    @property
-    def prepack_kind(self) -> str | None:
-        return self.kernel if self.kernel in ("onednn", "fbgemm_fp16") else None
-
     # ---- protocol -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         x_dtype = op_dtype(op.dtype)
         if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"float: activations of dtype {op.dtype} are not floating point"
-        cd = self._compute(x_dtype)
-        if self.kernel == "aten":
-            return None  # F.linear runs everywhere (fp16 on an old CPU slowly: timing decides)
-        if self.kernel == "onednn":
-            reason = not_cpu_reason("float/onednn", device)
-            if reason:
-                return reason
-            if not _mkldnn_supports(cd):
-                return (f"float/onednn: oneDNN {str(cd).removeprefix('torch.')} linear needs CPU support "
-                        "this machine lacks (avx512 bf16/fp16 or avx_ne_convert)")
-            return None
-        # fbgemm_fp16
+        return self._kernel_reason(device, self._compute(x_dtype))
+
+    @abstractmethod
+    def _kernel_reason(self, device: torch.device, cd: torch.dtype) -> str | None: ...
+
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        dtype = weight.dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype)
+        return {"weight": weight.to(dtype).contiguous()}
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return packed["weight"].to(self._compute(dtype)).float()
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        cd = self._compute(x.dtype)
+        y = F.linear(x.to(cd), packed["weight"].to(cd), None if bias is None else bias.to(cd))
+        return y.to(x.dtype)
+
+
+@register_kernel(FloatCandidate, "aten")
+class FloatAten(FloatCandidate):
+    """``F.linear`` (in compute_dtype when set); with compute_dtype None, THE baseline."""
+
+    def _kernel_reason(self, device: torch.device, cd: torch.dtype) -> str | None:
+        return None  # F.linear runs everywhere (fp16 on an old CPU slowly: timing decides)
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        cd = self._compute(x.dtype)
+        xc = x if x.dtype == cd else x.to(cd)
+        w = packed["weight"]
+        b = bias if bias is None or bias.dtype == cd else bias.to(cd)
+        y = F.linear(xc, w if w.dtype == cd else w.to(cd), b)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_aten_linear(buffers, dtype, self._compute(dtype))
+
+
+@register_kernel(FloatCandidate, "onednn")
+class FloatOnednn(FloatCandidate):
+    """oneDNN linear over the weight reordered once (``_cpu_ops.PREPACK_CACHE``)."""
+
+    @property
+    def prepack_kind(self) -> str | None:
+        return "onednn"
+
+    def _kernel_reason(self, device: torch.device, cd: torch.dtype) -> str | None:
+        reason = not_cpu_reason("float/onednn", device)
+        if reason:
+            return reason
+        if not _mkldnn_supports(cd):
+            return (f"float/onednn: oneDNN {str(cd).removeprefix('torch.')} linear needs CPU support "
+                    "this machine lacks (avx512 bf16/fp16 or avx_ne_convert)")
+        return None
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        """Warm the prepack cache (the op rebuilds a missing entry itself); no runtime state."""
+        prepack("onednn", packed["weight"])
+        return None
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        cd = self._compute(x.dtype)
+        xc = x if x.dtype == cd else x.to(cd)
+        b = bias if bias is None or bias.dtype == cd else bias.to(cd)
+        y = onednn_linear(xc, packed["weight"], b)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_onednn_linear(buffers, dtype, self._compute(dtype))
+
+
+@register_kernel(FloatCandidate, "fbgemm_fp16")
+class FloatFbgemmFp16(FloatCandidate):
+    """fbgemm's fp16-weight GEMM: float32 activations and accumulation, bias added in float32."""
+
+    @property
+    def prepack_kind(self) -> str | None:
+        return "fbgemm_fp16"
+
+    @property  # type: ignore[override]
+    def lossless(self) -> bool:
+        return False
+
+    @property  # type: ignore[override]
+    def min_sqnr_db(self) -> float:
+        if self.compute_dtype == "bfloat16":
+            return 40.0
+        return 55.0  # fp16 weight: measured ~73 dB
+
+    def _kernel_reason(self, device: torch.device, cd: torch.dtype) -> str | None:
         reason = not_cpu_reason("float/fbgemm_fp16", device)
         if reason:
             return reason
@@ -158,46 +234,27 @@ class FloatCandidate(Candidate):
                                 cd, (torch.float32,))
 
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
-        if self.kernel == "fbgemm_fp16":
-            # fp16 storage: what the prepack rounds to anyway, at half the bytes of float32.
-            return {"weight": weight.to(torch.float16).contiguous()}
-        dtype = weight.dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype)
-        return {"weight": weight.to(dtype).contiguous()}
+        # fp16 storage: what the prepack rounds to anyway, at half the bytes of float32.
+        return {"weight": weight.to(torch.float16).contiguous()}
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
-        """Warm the prepack cache (the ops rebuild a missing entry themselves); no runtime state."""
-        if self.kernel != "aten":
-            prepack(self.kernel, packed["weight"])
+        prepack("fbgemm_fp16", packed["weight"])
         return None
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         cd = self._compute(x.dtype)
         xc = x if x.dtype == cd else x.to(cd)
-        w = packed["weight"]
-        if self.kernel == "fbgemm_fp16":
-            y = add_bias(fbgemm_fp16_linear(xc, w), bias)
-        else:
-            b = bias if bias is None or bias.dtype == cd else bias.to(cd)
-            if self.kernel == "aten":
-                y = F.linear(xc, w if w.dtype == cd else w.to(cd), b)
-            else:
-                y = onednn_linear(xc, w, b)
+        y = add_bias(fbgemm_fp16_linear(xc, packed["weight"]), bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        cd = self._compute(dtype)
-        if self.kernel == "onednn":
-            return eager_onednn_linear(buffers, dtype, cd)
-        if self.kernel == "fbgemm_fp16":
-            return eager_fbgemm_fp16(buffers, dtype) if cd == torch.float32 else None
-        return eager_aten_linear(buffers, dtype, cd)
+        return eager_fbgemm_fp16(buffers, dtype) if self._compute(dtype) == torch.float32 else None
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return packed["weight"].float()  # the fp16 weight, computed in float32
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        # fp16 weight, float32 activation and accumulation, bias added in float32.
         cd = self._compute(x.dtype)
-        w = packed["weight"]
-        if self.kernel == "fbgemm_fp16":
-            # fp16 weight, float32 activation and accumulation, bias added in float32.
-            y = F.linear(x.to(cd).float(), w.float(), None if bias is None else bias.float())
-        else:
-            y = F.linear(x.to(cd), w.to(cd), None if bias is None else bias.to(cd))
+        y = F.linear(x.to(cd).float(), packed["weight"].float(), None if bias is None else bias.float())
         return y.to(x.dtype)

@@ -33,8 +33,9 @@ Kernels:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -62,11 +63,10 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
-from .base import Candidate, register
+from .base import Candidate, register, register_kernel
 
-__all__ = ["Int4WeightOnly"]
+__all__ = ["Int4Tinygemm", "Int4TinygemmCpu", "Int4Triton", "Int4WeightOnly"]
 
-KERNELS = ("tinygemm_cpu", "tinygemm", "triton")
 GROUP_SIZES = (32, 64, 128, 256)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 TRITON_GROUPS = (32, 64, 128)
@@ -82,6 +82,9 @@ def _inner_k_tiles(k: int) -> int | None:
 @register
 @dataclass(frozen=True)
 class Int4WeightOnly(Candidate):
+    """The family: grouped asymmetric codes, their packing and dequantization. Each kernel is a
+    subclass below (``Int4WeightOnly("tinygemm_cpu", 64)`` builds an :class:`Int4TinygemmCpu`)."""
+
     family: ClassVar[str] = "int4_weight_only"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 3
@@ -95,8 +98,7 @@ class Int4WeightOnly(Candidate):
     group_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"int4_weight_only: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
+        super().__post_init__()
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"int4_weight_only: group_size must be one of {GROUP_SIZES}, got {self.group_size}")
 
@@ -104,42 +106,16 @@ class Int4WeightOnly(Candidate):
     def weight_format(self) -> str | None:
         return f"int4_nk_g{self.group_size}"
 
-    @property
-    def prepack_kind(self) -> str | None:
-        return "int4pack" if self.kernel == "tinygemm_cpu" else None
-
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"int4_weight_only/{self.kernel}(G={self.group_size})"
-        dtype = op_dtype(op.dtype)
         if op.k % self.group_size:
             return f"{name}: K={op.k} is not a multiple of group_size={self.group_size}"
-        if self.kernel == "tinygemm_cpu":
-            reason = not_cpu_reason(name, device) or bad_dtype_reason(name, dtype, FLOAT_DTYPES)
-            if reason:
-                return reason
-            if op.n % 16:
-                return f"{name}: the CPU int4 pack needs N % 16 == 0, got N={op.n}"
-            return cpu_scalar_only_reason(name, device, dtype)
-        reason = not_cuda_reason(name, device)
-        if reason:
-            return reason
-        if self.kernel == "tinygemm":
-            reason = bad_dtype_reason(name, dtype, (torch.bfloat16,)) or min_capability_reason(name, device, (8, 0))
-            if reason:
-                return reason
-            if op.n % 8:
-                return f"{name}: tinygemm needs N % 8 == 0, got N={op.n}"
-            if _inner_k_tiles(op.k) is None:
-                return f"{name}: tinygemm needs K % 32 == 0, got K={op.k}"
-            return None
-        reason = bad_dtype_reason(name, dtype, FLOAT_DTYPES)
-        if reason:
-            return reason
-        if self.group_size not in TRITON_GROUPS:
-            return f"{name}: the Triton int4 kernel takes group sizes {TRITON_GROUPS}"
-        _, reason = triton_op("int4_wo_mm")
-        return reason
+        return self._kernel_reason(name, device, op, op_dtype(op.dtype))
+
+    @abstractmethod
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape,
+                       dtype: torch.dtype | None) -> str | None: ...
 
     # ---- packing ------------------------------------------------------------------------------------
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
@@ -158,58 +134,120 @@ class Int4WeightOnly(Candidate):
             sz[:, rows, 1] = zeros
         return {"w_int4": w_int4, "scales_and_zeros": sz}
 
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """tinygemm's ``(q - 8) * scale + zero`` with the qparams read in x's dtype, in float32."""
+        q = unpack_int4_lo_first(packed["w_int4"]).float()
+        g = self.group_size
+        sz = packed["scales_and_zeros"].to(dtype).float()  # the kernels read qparams in x's dtype
+        return (q - INT4_MID) * sz[..., 0].t().repeat_interleave(g, 1) + sz[..., 1].t().repeat_interleave(g, 1)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        w = self.dequantize(packed, x.dtype)
+        y = (x.double() @ w.double().T).to(x.dtype)
+        return add_bias(y, bias)
+
+
+@register_kernel(Int4WeightOnly, "tinygemm_cpu")
+class Int4TinygemmCpu(Int4WeightOnly):
+    """``_weight_int4pack_mm_for_cpu`` over the CPU layout kept in ``_cpu_ops.PREPACK_CACHE``."""
+
+    @property
+    def prepack_kind(self) -> str | None:
+        return "int4pack"
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape,
+                       dtype: torch.dtype | None) -> str | None:
+        reason = not_cpu_reason(name, device) or bad_dtype_reason(name, dtype, FLOAT_DTYPES)
+        if reason:
+            return reason
+        if op.n % 16:
+            return f"{name}: the CPU int4 pack needs N % 16 == 0, got N={op.n}"
+        return cpu_scalar_only_reason(name, device, dtype)
+
     def prepare(self, packed: dict[str, Tensor]) -> Any:
-        w, sz = packed["w_int4"], packed["scales_and_zeros"]
-        if self.kernel == "tinygemm_cpu":
-            prepack("int4pack", w)  # warms the cache; the op rebuilds a missing entry itself
+        prepack("int4pack", packed["w_int4"])  # warms the cache; the op rebuilds a missing entry itself
+        return None
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        sz = packed["scales_and_zeros"]
+        sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)  # tinygemm reads qparams in x's dtype
+        return add_bias(int4pack_mm(x, packed["w_int4"], sz, self.group_size), bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_int4pack(buffers, dtype, self.group_size)
+
+
+@register_kernel(Int4WeightOnly, "tinygemm")
+class Int4Tinygemm(Int4WeightOnly):
+    """CUDA tinygemm ``_weight_int4pack_mm`` (sm80+, bf16) over its own layout built in prepare."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape,
+                       dtype: torch.dtype | None) -> str | None:
+        reason = (not_cuda_reason(name, device) or bad_dtype_reason(name, dtype, (torch.bfloat16,))
+                  or min_capability_reason(name, device, (8, 0)))
+        if reason:
+            return reason
+        if op.n % 8:
+            return f"{name}: tinygemm needs N % 8 == 0, got N={op.n}"
+        if _inner_k_tiles(op.k) is None:
+            return f"{name}: tinygemm needs K % 32 == 0, got K={op.k}"
+        return None
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        w = packed["w_int4"]
+        tiles = _inner_k_tiles(w.shape[1] * 2)
+        if w.device.type != "cuda" or tiles is None:
             return None
-        if self.kernel == "tinygemm":
-            tiles = _inner_k_tiles(w.shape[1] * 2)
-            if w.device.type != "cuda" or tiles is None:
-                return None
-            return {"w": torch.ops.aten._convert_weight_to_int4pack(swap_nibbles(w).contiguous(), tiles),
-                    "sz": sz}
-        # triton: any device (CPU tensors run under TRITON_INTERPRET=1, else the op says why not).
+        return {"w": torch.ops.aten._convert_weight_to_int4pack(swap_nibbles(w).contiguous(), tiles),
+                "sz": packed["scales_and_zeros"]}
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        if runtime is None:
+            raise RuntimeError(f"{self.name}: runtime state missing (weights on the wrong device?)")
+        sz = runtime["sz"] if runtime["sz"].dtype == x.dtype else runtime["sz"].to(x.dtype)
+        return add_bias(torch.ops.aten._weight_int4pack_mm(x, runtime["w"], self.group_size, sz), bias)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        # CUDA tinygemm dequantizes into bf16 registers (one fma, one rounding) before the mma.
+        return super().dequantize(packed, dtype).to(torch.bfloat16).float()
+
+
+@register_kernel(Int4WeightOnly, "triton")
+class Int4Triton(Int4WeightOnly):
+    """``autoquant.kernels.int4_wo_mm``: ``(q - z') * s`` with float32 s and z' = 8 - zero / s."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape,
+                       dtype: torch.dtype | None) -> str | None:
+        reason = not_cuda_reason(name, device) or bad_dtype_reason(name, dtype, FLOAT_DTYPES)
+        if reason:
+            return reason
+        if self.group_size not in TRITON_GROUPS:
+            return f"{name}: the Triton int4 kernel takes group sizes {TRITON_GROUPS}"
+        _, reason = triton_op("int4_wo_mm")
+        return reason
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        # Any device (CPU tensors run under TRITON_INTERPRET=1, else the op says why not).
+        sz = packed["scales_and_zeros"]
         scale = sz[..., 0].float().contiguous()
         return {"scales": scale, "zeros": (INT4_MID - sz[..., 1].float() / scale).contiguous()}
 
-    # ---- compute ------------------------------------------------------------------------------------
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
-        g = self.group_size
-        if self.kernel == "tinygemm_cpu":
-            sz = packed["scales_and_zeros"]
-            sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)  # tinygemm reads qparams in x's dtype
-            return add_bias(int4pack_mm(x, packed["w_int4"], sz, g), bias)
         if runtime is None:
             raise RuntimeError(f"{self.name}: runtime state missing (weights on the wrong device?)")
-        if self.kernel == "triton":
-            fn = require_triton_op("int4_wo_mm")
-            return fn(x, packed["w_int4"], runtime["scales"], runtime["zeros"], g, bias)
-        sz = runtime["sz"] if runtime["sz"].dtype == x.dtype else runtime["sz"].to(x.dtype)
-        return add_bias(torch.ops.aten._weight_int4pack_mm(x, runtime["w"], g, sz), bias)
+        fn = require_triton_op("int4_wo_mm")
+        return fn(x, packed["w_int4"], runtime["scales"], runtime["zeros"], self.group_size, bias)
 
-    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        return eager_int4pack(buffers, dtype, self.group_size) if self.kernel == "tinygemm_cpu" else None
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        q = unpack_int4_lo_first(packed["w_int4"]).float()
+        sz, g = packed["scales_and_zeros"], self.group_size
+        s = sz[..., 0].float()
+        z = INT4_MID - sz[..., 1].float() / s
+        return (q - z.t().repeat_interleave(g, 1)) * s.t().repeat_interleave(g, 1)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
-        q = unpack_int4_lo_first(packed["w_int4"]).float()
-        sz = packed["scales_and_zeros"]
-        g = self.group_size
-        if self.kernel == "triton":
-            # (q - z') * s in float32 with the runtime's z' and s, bias in the epilogue.
-            s = sz[..., 0].float()
-            z = INT4_MID - sz[..., 1].float() / s
-            w = (q - z.t().repeat_interleave(g, 1)) * s.t().repeat_interleave(g, 1)
-            y = x.float() @ w.T
-            if bias is not None:
-                y = y + bias.float()
-            return y.to(x.dtype)
-        sz = sz.to(x.dtype).float()  # the kernel reads qparams in x's dtype
-        s = sz[..., 0].t().repeat_interleave(g, 1)
-        z = sz[..., 1].t().repeat_interleave(g, 1)
-        w = (q - INT4_MID) * s + z
-        if self.kernel == "tinygemm":
-            # CUDA tinygemm dequantizes into bf16 registers (one fma, one rounding) before the mma.
-            w = w.to(torch.bfloat16).float()
-        y = (x.double() @ w.double().T).to(x.dtype)
-        return add_bias(y, bias)
+        # (q - z') * s in float32 with the runtime's z' and s, bias in the epilogue.
+        y = x.float() @ self.dequantize(packed, x.dtype).T
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)

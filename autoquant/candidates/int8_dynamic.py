@@ -38,6 +38,7 @@ unfused activation pass left to discount).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,12 +59,11 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
-from .base import Candidate, register
+from .base import Candidate, register, register_kernel
 from .int8_weight_only import INT8_FORMAT, quantize_int8_nk_rowscale
 
-__all__ = ["Int8Dynamic"]
+__all__ = ["Int8Dynamic", "Int8DynamicFbgemm", "Int8DynamicIntMm", "Int8DynamicOnednn", "Int8DynamicTriton"]
 
-KERNELS = ("int_mm", "fbgemm", "onednn", "triton")
 # 7-bit activation codes for the CPU int8 kernels (see module docstring: int16 pair saturation).
 CPU_ACT_QMAX = 127  # fbgemm: uint8 codes 0..127 (reduce_range=True)
 ONEDNN_ACT_QMAX = 63  # onednn: symmetric -63..63, offset by 64 into uint8 1..127
@@ -92,6 +92,9 @@ def _int_mm(x_int8: Tensor, w_int8: Tensor) -> Tensor:
 @register
 @dataclass(frozen=True)
 class Int8Dynamic(Candidate):
+    """The family: packed state, the weight's dequantization, the per-token reference. Each kernel
+    is a subclass below (``Int8Dynamic("fbgemm")`` builds an :class:`Int8DynamicFbgemm`)."""
+
     family: ClassVar[str] = "int8_dynamic"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 2
@@ -103,47 +106,80 @@ class Int8Dynamic(Candidate):
 
     kernel: str = "int_mm"
 
-    def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"int8_dynamic: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
-
     @property
     def weight_format(self) -> str | None:
         return INT8_FORMAT
 
-    @property
-    def prepack_kind(self) -> str | None:
-        return {"fbgemm": "fbgemm_int8", "onednn": "onednn_int8"}.get(self.kernel)
-
     # ---- supports -------------------------------------------------------------------------------
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"int8_dynamic/{self.kernel}"
-        reason = bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES)
+        return bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES) or self._kernel_reason(name, device, op)
+
+    @abstractmethod
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None: ...
+
+    # ---- packing ----------------------------------------------------------------------------------
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        return quantize_int8_nk_rowscale(weight)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        # Every kernel rescales the exact integer sums by the float32 weight scales.
+        return packed["w_int8"].float() * packed["w_scale"].float()[:, None]
+
+    # ---- compute: quantize x, then the matmul and rescale ----------------------------------------
+    def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The activation as the matmul consumes it: per-token symmetric int8 here."""
+        return int8_act_per_token(x)
+
+    @abstractmethod
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor: ...
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        xq, xs = self._quantize_x(x)
+        return self._matmul(xq, xs, packed, bias, x.dtype)
+
+    def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
+                    bias: Tensor | None) -> Callable[[], Tensor] | None:
+        xq, xs = self._quantize_x(x)
+        out_dtype = x.dtype
+        return lambda: self._matmul(xq, xs, packed, bias, out_dtype)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        xq, xs = int8_act_per_token(x)
+        acc = (xq.double() @ packed["w_int8"].double().T).float()  # exact: |acc| < 2^53
+        return _rescale(acc, xs, packed["w_scale"], bias, x.dtype)
+
+
+@register_kernel(Int8Dynamic, "int_mm")
+class Int8DynamicIntMm(Int8Dynamic):
+    """``torch._int_mm`` on per-token int8 codes, rescaled in float32 (CUDA; see module doc)."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        if device.type == "cpu":
+            return (f"{name}: CPU torch._int_mm is an unvectorized loop, measured 2.4-50x slower "
+                    "than float32 F.linear: not worth timing (fbgemm/onednn cover CPU)")
+        reason = not_cuda_reason(name, device)
         if reason:
             return reason
-        if self.kernel == "int_mm":
-            if device.type == "cpu":
-                return (f"{name}: CPU torch._int_mm is an unvectorized loop, measured 2.4-50x slower "
-                        "than float32 F.linear: not worth timing (fbgemm/onednn cover CPU)")
-            reason = not_cuda_reason(name, device)
-            if reason:
-                return reason
-            if op.m < CUDA_INT_MM_MIN_M:
-                return (f"{name}: cuBLASLt int8 GEMM needs M > 16, got M={op.m} (linear() zero-pads to 17 "
-                        "rows so a finalized layer still runs, but that is not worth timing: "
-                        "int8_weight_only covers small M)")
-            if op.k % 8 or op.n % 8:
-                return f"{name}: cuBLASLt int8 GEMM needs K and N multiples of 8, got K={op.k} N={op.n}"
-            return None
-        if self.kernel in ("fbgemm", "onednn"):
-            reason = not_cpu_reason(name, device)
-            if reason:
-                return reason
-            engines = torch.backends.quantized.supported_engines
-            need = "onednn" if self.kernel == "onednn" else "fbgemm"
-            if need not in engines and not (need == "fbgemm" and "x86" in engines):
-                return f"{name}: torch was built without the {need} quantized engine"
-            return None
+        if op.m < CUDA_INT_MM_MIN_M:
+            return (f"{name}: cuBLASLt int8 GEMM needs M > 16, got M={op.m} (linear() zero-pads to 17 "
+                    "rows so a finalized layer still runs, but that is not worth timing: "
+                    "int8_weight_only covers small M)")
+        if op.k % 8 or op.n % 8:
+            return f"{name}: cuBLASLt int8 GEMM needs K and N multiples of 8, got K={op.k} N={op.n}"
+        return None
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+        return _rescale(_int_mm(xq, packed["w_int8"]), xs, packed["w_scale"], bias, out_dtype)
+
+
+@register_kernel(Int8Dynamic, "triton")
+class Int8DynamicTriton(Int8Dynamic):
+    """``autoquant.kernels``: per-token quantization and the int8 GEMM with a fused epilogue."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
         reason = not_cuda_reason(name, device)
         if reason:
             return reason
@@ -153,77 +189,99 @@ class Int8Dynamic(Candidate):
                 return reason
         return None
 
-    # ---- packing ----------------------------------------------------------------------------------
-    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
-        return quantize_int8_nk_rowscale(weight)
+    def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return require_triton_op("quantize_per_token_int8")(x)
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+        fn = require_triton_op("int8_dyn_mm")
+        return fn(xq, xs, packed["w_int8"], packed["w_scale"], bias, out_dtype=out_dtype)
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        fn = require_triton_op("int8_dynamic_linear")
+        return fn(x, packed["w_int8"], packed["w_scale"], bias)
+
+
+def _cpu_engine_reason(name: str, device: torch.device, engine: str) -> str | None:
+    reason = not_cpu_reason(name, device)
+    if reason:
+        return reason
+    engines = torch.backends.quantized.supported_engines
+    if engine not in engines and not (engine == "fbgemm" and "x86" in engines):
+        return f"{name}: torch was built without the {engine} quantized engine"
+    return None
+
+
+@register_kernel(Int8Dynamic, "fbgemm")
+class Int8DynamicFbgemm(Int8Dynamic):
+    """fbgemm: x quantized per TENSOR inside the call (7-bit, see module doc), float32 only."""
+
+    @property
+    def prepack_kind(self) -> str | None:
+        return "fbgemm_int8"
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        return _cpu_engine_reason(name, device, "fbgemm")
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
-        """fbgemm / onednn: warm the prepack cache (the ops rebuild a missing entry themselves)."""
-        if self.kernel in ("fbgemm", "onednn"):
-            prepack(f"{self.kernel}_int8", packed["w_int8"], packed["w_scale"])
+        """Warm the prepack cache (the op rebuilds a missing entry itself)."""
+        prepack("fbgemm_int8", packed["w_int8"], packed["w_scale"])
         return None
 
-    # ---- compute ------------------------------------------------------------------------------------
-    def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The activation as the matmul consumes it (onednn: uint8 codes 1..127 with zp 64)."""
-        if self.kernel == "onednn":
-            return uint8_act_per_token_offset(x, ONEDNN_ACT_QMAX, ONEDNN_ZP)
-        if self.kernel == "triton":
-            return require_triton_op("quantize_per_token_int8")(x)
-        return int8_act_per_token(x)
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:  # pragma: no cover - fbgemm quantizes inside its call
+        raise NotImplementedError("fbgemm quantizes the activation inside its packed call")
 
-    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], runtime: Any,
-                bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-        q, scale = packed["w_int8"], packed["w_scale"]
-        if self.kernel == "int_mm":
-            return _rescale(_int_mm(xq, q), xs, scale, bias, out_dtype)
-        if self.kernel == "triton":
-            return require_triton_op("int8_dyn_mm")(xq, xs, q, scale, bias, out_dtype=out_dtype)
-        # onednn: float32 out = acc * 1.0 * w_scale[n]; then the per-token scale and bias.
-        y = add_bias(onednn_qlinear(xq, ONEDNN_ZP, q, scale).mul_(xs[:, None]), bias)
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-
-    def _fbgemm(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         xf = x if x.dtype == torch.float32 else x.float()
         y = add_bias(fbgemm_int8_linear(xf, packed["w_int8"], packed["w_scale"]), bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
-        if self.kernel == "fbgemm":
-            return self._fbgemm(x, packed, bias)
-        if self.kernel == "triton":
-            fn = require_triton_op("int8_dynamic_linear")
-            return fn(x, packed["w_int8"], packed["w_scale"], bias)
-        xq, xs = self._quantize_x(x)
-        return self._matmul(xq, xs, packed, runtime, bias, x.dtype)
-
-    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        if self.kernel == "fbgemm":
-            return eager_fbgemm_int8(buffers, dtype)
-        if self.kernel == "onednn":
-            return eager_onednn_int8(buffers, dtype, ONEDNN_ACT_QMAX, ONEDNN_ZP)
-        return None
-
     def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
                     bias: Tensor | None) -> Callable[[], Tensor] | None:
-        if self.kernel == "fbgemm":
-            return lambda: self._fbgemm(x, packed, bias)
-        xq, xs = self._quantize_x(x)
-        out_dtype = x.dtype
-        return lambda: self._matmul(xq, xs, packed, runtime, bias, out_dtype)
+        # The whole op: there is no unfused activation pass left to discount.
+        return lambda: self.linear(x, packed, runtime, bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_fbgemm_int8(buffers, dtype)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
-        q, scale = packed["w_int8"], packed["w_scale"]
-        if self.kernel == "fbgemm":
-            xq, xs, zp = uint8_act_per_tensor(x.float(), CPU_ACT_QMAX)
-            acc = ((xq.double() - zp) @ q.double().T).float()
-            y = acc * (xs * scale)[None, :]
-            return add_bias(y, bias).to(x.dtype)
-        if self.kernel == "onednn":
-            xq, xs = int8_act_per_token(x, ONEDNN_ACT_QMAX)
-            acc = (xq.double() @ q.double().T).float()
-            y = (acc * scale[None, :]) * xs[:, None]
-            return add_bias(y, bias).to(x.dtype)
-        xq, xs = int8_act_per_token(x)
-        acc = (xq.double() @ q.double().T).float()  # exact: |acc| < 2^53
-        return _rescale(acc, xs, scale, bias, x.dtype)
+        xq, xs, zp = uint8_act_per_tensor(x.float(), CPU_ACT_QMAX)
+        acc = ((xq.double() - zp) @ packed["w_int8"].double().T).float()
+        y = acc * (xs * packed["w_scale"])[None, :]
+        return add_bias(y, bias).to(x.dtype)
+
+
+@register_kernel(Int8Dynamic, "onednn")
+class Int8DynamicOnednn(Int8Dynamic):
+    """oneDNN: 7-bit per-token codes offset into uint8, the kernel's ``acc * w_scale``, then
+    ``* x_scale + bias`` in torch (see module doc)."""
+
+    @property
+    def prepack_kind(self) -> str | None:
+        return "onednn_int8"
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        return _cpu_engine_reason(name, device, "onednn")
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        prepack("onednn_int8", packed["w_int8"], packed["w_scale"])
+        return None
+
+    def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return uint8_act_per_token_offset(x, ONEDNN_ACT_QMAX, ONEDNN_ZP)
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+        # float32 out = acc * 1.0 * w_scale[n]; then the per-token scale and bias.
+        y = add_bias(onednn_qlinear(xq, ONEDNN_ZP, packed["w_int8"], packed["w_scale"]).mul_(xs[:, None]), bias)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return eager_onednn_int8(buffers, dtype, ONEDNN_ACT_QMAX, ONEDNN_ZP)
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        xq, xs = int8_act_per_token(x, ONEDNN_ACT_QMAX)
+        acc = (xq.double() @ packed["w_int8"].double().T).float()
+        y = (acc * packed["w_scale"][None, :]) * xs[:, None]
+        return add_bias(y, bias).to(x.dtype)

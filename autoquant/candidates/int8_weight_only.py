@@ -31,6 +31,7 @@ Kernels:
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -53,11 +54,11 @@ from ._util import (
     ScalesByDtype,
     triton_op,
 )
-from .base import Candidate, register
+from .base import Candidate, register, register_kernel
 
-__all__ = ["INT8_FORMAT", "Int8WeightOnly", "quantize_int8_nk_rowscale"]
+__all__ = ["INT8_FORMAT", "Int8WeightOnly", "Int8WeightOnlyDequant", "Int8WeightOnlyInt8pack", "Int8WeightOnlyTriton",
+           "quantize_int8_nk_rowscale"]
 
-KERNELS = ("int8pack", "dequant", "triton")
 INT8_FORMAT = "int8_nk_rowscale"
 # CPU _weight_int8pack_mm: K step of its widest vector kernel, and the alignment its x loads need.
 CPU_INT8PACK_K_MULTIPLE = 16
@@ -80,6 +81,9 @@ def quantize_int8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
 @register
 @dataclass(frozen=True)
 class Int8WeightOnly(Candidate):
+    """The family: packed state and its dequantization. Each kernel is a subclass below
+    (``Int8WeightOnly("int8pack")`` builds an :class:`Int8WeightOnlyInt8pack`)."""
+
     family: ClassVar[str] = "int8_weight_only"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 1
@@ -90,84 +94,110 @@ class Int8WeightOnly(Candidate):
 
     kernel: str = "int8pack"
 
-    def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"int8_weight_only: unknown kernel {self.kernel!r}; expected one of {KERNELS}")
-
     @property
     def weight_format(self) -> str | None:
         return INT8_FORMAT
 
     def supports(self, device: torch.device, op: OpShape) -> str | None:
-        dtype = op_dtype(op.dtype)
-        reason = bad_dtype_reason(f"int8_weight_only/{self.kernel}", dtype, FLOAT_DTYPES)
-        if reason or self.kernel == "dequant":
-            return reason
-        if self.kernel == "int8pack":
-            if device.type not in ("cpu", "cuda"):
-                return f"int8_weight_only/int8pack: torch has no _weight_int8pack_mm for {device.type}"
-            if device.type == "cpu":
-                reason = _cpu_k_reason(op.k)
-                if reason:
-                    return reason
-            return cpu_scalar_only_reason("int8_weight_only/int8pack", device, dtype)
-        reason = not_cuda_reason("int8_weight_only/triton", device)
+        name = f"int8_weight_only/{self.kernel}"
+        return bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES) or self._kernel_reason(name, device, op)
+
+    @abstractmethod
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None: ...
+
+    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
+        return quantize_int8_nk_rowscale(weight)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        # Exact integer codes times the float32 scale (triton's epilogue; int8pack overrides).
+        return packed["w_int8"].float() * packed["w_scale"].float()[:, None]
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        # Exact integer sums (|acc| < 2^53 in float64), times the float32 scale, bias in the
+        # epilogue, rounded once to x.dtype (triton; int8pack and dequant override).
+        acc = (x.double() @ packed["w_int8"].double().T).float()
+        y = acc * packed["w_scale"].float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+
+@register_kernel(Int8WeightOnly, "int8pack")
+class Int8WeightOnlyInt8pack(Int8WeightOnly):
+    """``torch._weight_int8pack_mm`` with the scales cast to x's dtype once (``ScalesByDtype``)."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        if device.type not in ("cpu", "cuda"):
+            return f"{name}: torch has no _weight_int8pack_mm for {device.type}"
+        if device.type == "cpu":
+            reason = _cpu_k_reason(op.k)
+            if reason:
+                return reason
+        return cpu_scalar_only_reason(name, device, op_dtype(op.dtype))
+
+    def prepare(self, packed: dict[str, Tensor]) -> Any:
+        q = packed["w_int8"]
+        reason = _cpu_k_reason(q.shape[1]) if q.device.type == "cpu" else None
+        if reason:
+            raise ValueError(reason)  # at build / load time, instead of a crash on the first call
+        return ScalesByDtype(packed["w_scale"])
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        q, scale = packed["w_int8"], packed["w_scale"]
+        if runtime is None:
+            s = scale.to(x.dtype)
+        elif tracing():
+            # The cast made in prepare, as a constant: inductor's lowering of the CPU kernel
+            # wants a realized scale tensor, not a fused cast.
+            s = runtime.casts.get(x.dtype)
+            s = scale.to(x.dtype) if s is None else s
+        else:
+            s = runtime.get(scale, x.dtype)
+            if x.data_ptr() % CPU_INT8PACK_X_ALIGN:
+                x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
+        return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
+
+    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        return None if runtime is None else eager_int8pack(buffers, runtime, dtype, CPU_INT8PACK_X_ALIGN)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return packed["w_int8"].float() * packed["w_scale"].to(dtype).float()[:, None]
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        # Scale in x.dtype, bias added after in x.dtype.
+        acc = (x.double() @ packed["w_int8"].double().T).float()
+        y = (acc * packed["w_scale"].to(x.dtype).float()).to(x.dtype)
+        return add_bias(y, bias)
+
+
+@register_kernel(Int8WeightOnly, "dequant")
+class Int8WeightOnlyDequant(Int8WeightOnly):
+    """F.linear on the weight dequantized in x's dtype per call (never faster: built on request)."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        return None
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        return self.reference(x, packed, bias)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return (packed["w_int8"].to(dtype) * packed["w_scale"].to(dtype)[:, None]).float()
+
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        w = packed["w_int8"].to(x.dtype) * packed["w_scale"].to(x.dtype)[:, None]
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@register_kernel(Int8WeightOnly, "triton")
+class Int8WeightOnlyTriton(Int8WeightOnly):
+    """``autoquant.kernels.int8_wo_mm`` (CUDA)."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        reason = not_cuda_reason(name, device)
         if reason:
             return reason
         _, reason = triton_op("int8_wo_mm")
         return reason
 
-    def quantize(self, weight: Tensor) -> dict[str, Tensor]:
-        return quantize_int8_nk_rowscale(weight)
-
-    def prepare(self, packed: dict[str, Tensor]) -> Any:
-        if self.kernel == "int8pack":
-            q = packed["w_int8"]
-            reason = _cpu_k_reason(q.shape[1]) if q.device.type == "cpu" else None
-            if reason:
-                raise ValueError(reason)  # at build / load time, instead of a crash on the first call
-            return ScalesByDtype(packed["w_scale"])
-        return None
-
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
-        q, scale = packed["w_int8"], packed["w_scale"]
-        if self.kernel == "int8pack":
-            if runtime is None:
-                s = scale.to(x.dtype)
-            elif tracing():
-                # The cast made in prepare, as a constant: inductor's lowering of the CPU kernel
-                # wants a realized scale tensor, not a fused cast.
-                s = runtime.casts.get(x.dtype)
-                s = scale.to(x.dtype) if s is None else s
-            else:
-                s = runtime.get(scale, x.dtype)
-                if x.data_ptr() % CPU_INT8PACK_X_ALIGN:
-                    x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
-            return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
-        if self.kernel == "dequant":
-            w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
-            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-        fn = require_triton_op("int8_wo_mm")
-        return fn(x, q, scale, bias)
-
-    def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        if self.kernel == "int8pack" and runtime is not None:
-            return eager_int8pack(buffers, runtime, dtype, CPU_INT8PACK_X_ALIGN)
-        return None
-
-    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
-        q, scale = packed["w_int8"], packed["w_scale"]
-        if self.kernel == "dequant":
-            w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
-            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-        # Exact integer sums (|acc| < 2^53 in float64), times the scale the kernel sees, rounded
-        # once to x.dtype. int8pack: scale in x.dtype, bias added after in x.dtype; triton: float32
-        # scale and bias in the epilogue.
-        acc = (x.double() @ q.double().T).float()
-        if self.kernel == "int8pack":
-            y = (acc * scale.to(x.dtype).float()).to(x.dtype)
-            return add_bias(y, bias)
-        y = acc * scale.float()
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
+        return require_triton_op("int8_wo_mm")(x, packed["w_int8"], packed["w_scale"], bias)
