@@ -9,7 +9,7 @@ Targets (with the cache already holding --rows measurements):
   get_many of one key                median <= 1 ms
   put_many of 10,000 new rows        <= 2 s
   import of 100,000 JSON lines       <= 10 s
-The PostgreSQL server is started the same way as the test suite's (autoquant.cache_db.pgserver),
+The PostgreSQL server is started the same way as the test suite's (tests/cache_store/pgserver.py),
 with fsync on. The machine's load average is printed: other processes distort every figure.
 """
 
@@ -29,11 +29,13 @@ from pathlib import Path
 
 from autoquant.cache_db import SQLStore
 from autoquant.cache_db.jsonl import environment_line, header_line, measurement_line
-from autoquant.cache_db.pgserver import find_pg_bin, start_postgres
 from autoquant.cache_db.records import StoredMeasurement
 
 from autoquant.hardware import Environment
 from autoquant.keys import BenchKey, Measurement, OpShape, Timed, canonical_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the suite's server fixture
+from cache_store.pgserver import find_pg_bin, start_postgres  # noqa: E402
 
 ENVS = [Environment("cuda" if i % 2 else "cpu", f"bench device {i}", "9.0", 132, 81559, "550",
                     "12.4", "2.13.0", "3.3.0", "0.1.0") for i in range(10)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL server binaries (initdb, pg_ctl, postgres) exist, for the test suite's
-# throwaway loopback server (autoquant/cache_db/pgserver.py). Uses what is installed; otherwise
+# throwaway loopback server (tests/cache_store/pgserver.py). Uses what is installed; otherwise
 # installs the distribution's `postgresql` package non-interactively with apt-get.
 #   --check   only report; exit 1 if nothing is found (never installs)
 # Prints the directory it found. The tests look in the same places (and in $AUTOQUANT_PG_BIN).

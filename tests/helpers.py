@@ -13,8 +13,12 @@ Tolerances are SQNR floors in dB (signal = the reference output):
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -30,6 +34,8 @@ __all__ = [
     "kernel_floor",
     "make_input",
     "make_linear",
+    "require_module",
+    "running_in_ci",
     "sqnr",
 ]
 
@@ -44,6 +50,24 @@ KERNEL_VS_REFERENCE_DB = {
 OUTPUT_DTYPE_CAP_DB = {torch.float32: math.inf, torch.bfloat16: 40.0, torch.float16: 55.0}
 # Activation dtypes exercised per device: fp16 only on CUDA (CPU fp16 matmuls are slow scalar loops).
 DTYPES_BY_DEVICE = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def running_in_ci() -> bool:
+    """Whether the CI environment variable is set (to anything but "", "0", "false" or "no")."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_module(name: str) -> ModuleType:
+    """Import `name`, a package of the [dev] extra. Missing: skip with the install command, or, in
+    CI, fail: a CI run must never pass by skipping what it was meant to test."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        msg = (f"{name} is not installed ({exc}); it is in the [dev] extra: "
+               "pip install -e '.[dev]'")
+        if running_in_ci():
+            pytest.fail(f"{msg}. CI is set, so a missing dev extra is a failure", pytrace=False)
+        pytest.skip(msg)
 
 
 def dtype_id(dtype: torch.dtype) -> str:

@@ -4,9 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+from helpers import require_module
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -17,6 +15,7 @@ def test_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
+    nbformat, nbclient = require_module("nbformat"), require_module("nbclient")
     monkeypatch.setenv("AUTOQUANT_NB_SMALL", "1")
     monkeypatch.setenv("AUTOQUANT_CACHE_URL", str(tmp_path / "nb-cache.sqlite"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,18 +86,30 @@ def min_capability_reason(name: str, device: torch.device, need: tuple[int, int]
     return None
 
 
+def triton_required() -> bool:
+    """Whether this platform declares Triton a hard dependency (pyproject.toml: Linux x86_64)."""
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
 def triton_op(name: str) -> tuple[Callable[..., Any] | None, str | None]:
-    """(the ``autoquant.kernels`` function `name`, None), or (None, why it is unavailable)."""
-    try:
-        from .. import kernels
-    except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break supports()
-        return None, f"autoquant.kernels failed to import ({type(exc).__name__}: {exc})"
-    if not getattr(kernels, "HAS_TRITON", False):
-        why = getattr(kernels, "TRITON_IMPORT_ERROR", None) or "import failed"
-        return None, f"Triton is not available ({why})"
+    """(the ``autoquant.kernels`` function `name`, None), or (None, why it is unavailable).
+
+    Where Triton is a declared dependency (Linux x86_64), a broken install is an error, raised as
+    ImportError naming the cause: turning it into a quiet "unavailable" would hide it behind
+    float fallbacks and skipped tests. Elsewhere a missing Triton is a reason, never an error.
+    """
+    from .. import kernels  # our own package: failing to import it is a bug, never a reason
+
+    if not kernels.HAS_TRITON:
+        why = kernels.unavailable_reason("cpu")  # names the import error
+        if triton_required():
+            raise ImportError(f"{why}. Triton is a required dependency on {platform.system()} "
+                              f"{platform.machine()}: reinstall it (the version your torch build pins)")
+        return None, f"not available on {platform.system()} {platform.machine()}: {why}"
     fn = getattr(kernels, name, None)
     if fn is None:
-        return None, f"autoquant.kernels has no op {name!r} in this build"
+        raise AttributeError(f"autoquant.kernels has no op {name!r}: the candidate and the kernels "
+                             "package disagree (a stale or partial install? reinstall autoquant)")
     return fn, None
 
 

@@ -1,28 +1,29 @@
 """Fixtures for the tuning-cache tests: a real PostgreSQL server on loopback, and stores on both
 backends.
 
-The server is started once per session (see autoquant.cache_db.pgserver; as root its commands run
+The server is started once per session (see pgserver.py here; as root its commands run
 as `nobody`). Without server binaries the PostgreSQL tests skip with the reason, except under CI
 (the CI environment variable set), where they fail: CI must never skip them silently.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autoquant.cache_db.pgserver import (
+from autoquant.cache_db.sql_store import SQLStore
+from helpers import running_in_ci
+
+from autoquant.hardware import Environment
+
+from .pgserver import (
     PostgresServer,
     PostgresStartError,
     find_pg_bin,
     start_postgres,
 )
-from autoquant.cache_db.sql_store import SQLStore
-
-from autoquant.hardware import Environment
 
 TEST_DB = "autoquant_tests"
 CPU_ENV = Environment(device_kind="cpu", sku="Test CPU 9000", capability="avx2,fma", units=8,
@@ -34,7 +35,7 @@ GPU_ENV = Environment(device_kind="cuda", sku="NVIDIA H100 80GB HBM3", capabilit
 
 
 def _no_server(reason: str) -> None:
-    if os.environ.get("CI"):
+    if running_in_ci():
         pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run (run "
                     "scripts/ensure_postgres.sh first)", pytrace=False)
     pytest.skip(reason)

@@ -24,7 +24,13 @@ from autoquant.cache_db import (
     open_store,
     open_store_or_memory,
 )
-from autoquant.cache_db.stress import (
+
+from autoquant.store import MemoryStore
+from autoquant.tune import SafeStore
+
+from .conftest import CPU_ENV, TEST_DB
+from .helpers import figures, key, run_unprivileged
+from .stress import (
     STRESS_ENV,
     batch_keys,
     figures_for,
@@ -32,12 +38,6 @@ from autoquant.cache_db.stress import (
     run_overlapping_writers,
     write_until_killed,
 )
-
-from autoquant.store import MemoryStore
-from autoquant.tune import SafeStore
-
-from .conftest import CPU_ENV, TEST_DB
-from .helpers import figures, key, run_unprivileged
 
 WRITERS = 8
 
@@ -295,7 +295,7 @@ def _int8_cheap(k) -> float:
 def test_postgres_down_mid_run_tuning_finishes_in_memory(caplog) -> None:
     """A real server, stopped (pg_ctl stop -m fast) after the first op's figures are written: the
     remaining ops are tuned and kept in memory, the report says so, nothing raises."""
-    from autoquant.cache_db.pgserver import find_pg_bin, start_postgres
+    from .pgserver import find_pg_bin, start_postgres
     from autoquant.candidates import QuantizedLinear
 
     from .conftest import _no_server

@@ -44,7 +44,7 @@ def skip_unsupported(cand, dtype):
 
     why = cand.supports(torch.device("cpu"), OpShape(5, 64, 48, True, dtype_name(dtype)))
     if why is not None:
-        pytest.skip(f"not on this CPU: {why}")
+        pytest.skip(f"missing CPU feature: {why}")
 
 
 def generic(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def _built(dev, dtype, cand, shape, m=7):
     k, n = shape
     reason = cand.supports(device, OpShape(m, k, n, True, dtype_id(dtype)))
     if reason is not None and "not worth timing" not in reason:  # speed-declined kernels still run
-        pytest.skip(f"{cand.name} does not run this op here (see test_kernels)")
+        pytest.skip(f"{'missing CPU feature' if device.type == 'cpu' else 'not on this GPU'}: {reason}")
     w, b = make_linear(k, n, dtype, seed=11, device=device)
     return device, w, b, cand.build(w, b)
 
@@ -110,5 +110,10 @@ def test_torch_compile(dev, dtype, cand, shape):
     with torch.no_grad():
         eager = layer(torch.relu(x))
         compiled = fn(x)
-    # inductor may fuse a dequant into the matmul's prologue and round differently (~50 dB in bf16)
-    assert sqnr(eager, compiled) >= min(kernel_floor(device, dtype, cand), 45.0)
+    if device.type == "cpu":  # every CPU kernel compiles to the eager bits
+        assert torch.equal(compiled, eager), f"{cand.name}: {sqnr(eager, compiled):.1f} dB against eager"
+    else:
+        # Not measured on a GPU yet: inductor writes its own Triton code around the CUDA kernels and
+        # may fuse a dequant into a matmul prologue that rounds differently. Make this exact (or
+        # name each kernel's reason) from the first GPU run's figures.
+        assert sqnr(eager, compiled) >= min(kernel_floor(device, dtype, cand), 45.0)

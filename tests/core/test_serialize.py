@@ -4,14 +4,31 @@ import json
 
 import pytest
 import torch
+from helpers import require_module
 from torch import nn
 
 import autoquant as aq
-from autoquant import CountingTimer, FakeTimer, autoquant
+from autoquant import CpuTimer, CudaTimer, FakeTimer, autoquant
 from autoquant.candidates import QuantizedLinear
 from autoquant.serialize import PLAN_FILE, WEIGHTS_FILE
 
-transformers = pytest.importorskip("transformers")
+
+def _transformers():
+    return require_module("transformers")
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Every timing entry point of the real harnesses counts its calls: load must make none."""
+    calls: list[str] = []
+    for cls in (CpuTimer, CudaTimer):
+        for name in ("quick", "measure", "measure_within"):
+            if hasattr(cls, name):
+                def spy(*args, _name=f"{cls.__name__}.{name}", **kwargs):
+                    calls.append(_name)
+                    raise AssertionError(f"{_name} called during load")
+                monkeypatch.setattr(cls, name, spy)
+    return calls
 
 
 def int8_cheap(key):
@@ -19,18 +36,18 @@ def int8_cheap(key):
 
 
 def llama(tied=True):
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+    cfg = _transformers().LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    tie_word_embeddings=tied)
     return cfg
 
 
 def bert_cfg():
-    return transformers.BertConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    return _transformers().BertConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=256, max_position_embeddings=64)
 
 
-def test_mlp_round_trip_exact(tmp_path):
+def test_mlp_round_trip_exact(tmp_path, no_timing):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
     x = torch.randn(5, 64)
@@ -43,11 +60,13 @@ def test_mlp_round_trip_exact(tmp_path):
     aq.load(fresh, tmp_path)
     assert isinstance(fresh[0], QuantizedLinear)
     assert torch.equal(fresh(x), model(x))
+    assert no_timing == []
     # the file is safetensors: no pickle opcodes anywhere
     assert not (tmp_path / WEIGHTS_FILE).read_bytes().startswith(b"\x80")
 
 
-def test_llama_meta_skeleton_tied_weights_generate(tmp_path):
+def test_llama_meta_skeleton_tied_weights_generate(tmp_path, no_timing):
+    transformers = _transformers()
     cfg = llama(tied=True)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -58,9 +77,8 @@ def test_llama_meta_skeleton_tied_weights_generate(tmp_path):
     aq.save(model, tmp_path)
     with torch.device("meta"):
         skeleton = transformers.LlamaForCausalLM(cfg).eval()
-    timer = CountingTimer(FakeTimer(int8_cheap))
     aq.load(skeleton, tmp_path)
-    assert timer.calls == 0
+    assert no_timing == []
     assert all(p.device.type == "cpu" for p in skeleton.parameters())
     assert all(b.device.type == "cpu" for b in skeleton.buffers())
     with torch.no_grad():
@@ -72,6 +90,7 @@ def test_llama_meta_skeleton_tied_weights_generate(tmp_path):
 
 
 def test_bert_round_trip(tmp_path):
+    transformers = _transformers()
     torch.manual_seed(0)
     model = transformers.BertModel(bert_cfg()).eval()
     ids = torch.randint(0, 512, (2, 16))

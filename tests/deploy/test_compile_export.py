@@ -8,12 +8,13 @@ LlamaForCausalLM. The opaque CPU ops of ``autoquant.candidates._cpu_ops`` pass
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
 import pytest
 import torch
-from helpers import sqnr
+from helpers import require_module, sqnr
 
 from autoquant.candidates import (
     FloatCandidate,
@@ -23,6 +24,7 @@ from autoquant.candidates import (
     QuantizedLinear,
 )
 from autoquant.candidates import _cpu_ops as ops
+from autoquant.candidates.fp8 import cpu_rowwise_scaled_mm_reason
 from autoquant.finalize import DispatchLinear
 from autoquant.plan import apply_plan
 
@@ -30,10 +32,29 @@ from ._plans import WIDTH, chain, entry, mlp_with_plan, plan, runs_here
 
 DTYPES = (torch.float32, torch.bfloat16)
 DT_IDS = ("float32", "bfloat16")
-# inductor fuses the activation quantization / casts around the opaque ops and may round
-# differently from eager (one bf16 ulp in a scale flips codes): an inductor-compiled model is
-# compared to the eager one on SQNR; aot_eager and export run the same ops and must match exactly.
-COMPILED_MIN_SQNR = 30.0
+# Compiled and exported models must give the eager bits. One setting is needed for that under
+# inductor: by default it keeps the intermediates of fused bf16 elementwise ops (the model's GELU)
+# in float32 instead of rounding each to bf16 as eager does, which measured 37-41 dB against eager
+# on these MLPs while every kernel alone compiles bit-exact (tests/candidates/test_module);
+# `emulate_precision_casts` makes inductor round like eager, so the comparison can be exact.
+EAGER_ROUNDING = {"emulate_precision_casts": True}
+
+
+@functools.cache
+def _inductor_rounds_casts_like_eager() -> bool:
+    """Whether this build's inductor CPU codegen honours `emulate_precision_casts` for a float32 ->
+    bf16 cast fused into the next elementwise op (GELU(y.to(bf16)), what every bf16 layer with a
+    float32 kernel feeds the model's GELU). torch 2.13+ does; torch 2.11 has the setting but its
+    C++ backend keeps the float32 value (measured: not bit-exact on that two-op function alone,
+    no autoquant code in it). A probe, not a version test: what the build does is what counts."""
+    y = torch.randn(9, WIDTH, generator=torch.Generator().manual_seed(0))
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(t.to(torch.bfloat16))
+
+    with torch.no_grad(), torch._inductor.config.patch(EAGER_ROUNDING):
+        torch._dynamo.reset()
+        return torch.equal(torch.compile(f, fullgraph=True)(y), f(y))
 
 
 def _input(dtype: torch.dtype, m: int, seed: int = 1) -> torch.Tensor:
@@ -55,9 +76,15 @@ def _custom_ops(ep: torch.export.ExportedProgram) -> set[str]:
 def test_every_cpu_kernel_is_in_the_mlps():
     """The MLPs below cover each CPU kernel family the issue lists (where it runs at all)."""
     names = {(c.family, c.kernel) for dt in DTYPES for c in chain(dt)}
-    assert {("float", "aten"), ("int8_dynamic", "fbgemm"), ("int8_dynamic", "onednn"),
-            ("fp8_weight_only", "dequant"), ("fp8_dynamic", "scaled_mm"), ("int8_weight_only", "int8pack"),
-            ("int4_weight_only", "tinygemm_cpu")} <= names
+    required = {("float", "aten"), ("int8_dynamic", "fbgemm"), ("int8_dynamic", "onednn"),
+                ("fp8_weight_only", "dequant"), ("fp8_dynamic", "scaled_mm"), ("int8_weight_only", "int8pack"),
+                ("int4_weight_only", "tinygemm_cpu")}
+    if cpu_rowwise_scaled_mm_reason() is not None:
+        # This build's CPU _scaled_mm takes per-tensor scales only (torch 2.11): fp8 dynamic
+        # cannot run here, and chain() must leave it out rather than build a layer that raises.
+        required.discard(("fp8_dynamic", "scaled_mm"))
+        assert ("fp8_dynamic", "scaled_mm") not in names
+    assert required <= names
     if torch.backends.mkldnn.is_available():
         assert ("float", "onednn") in names and ("float", "fbgemm_fp16") in names
 
@@ -86,16 +113,23 @@ def test_bf16_mlp_compiles_with_inductor():
              Int8Dynamic("onednn")]
     model, _ = mlp_with_plan(dtype, threshold=4, cands=cands)
     x = _input(dtype, 9)
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(EAGER_ROUNDING):
         want = model(x)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)
         builds = ops.PREPACK_CACHE.builds
         got = [compiled(x), compiled(x)]
     assert ops.PREPACK_CACHE.builds == builds
+    exact = _inductor_rounds_casts_like_eager()
     for out in got:
         assert out.dtype == dtype and out.shape == want.shape
-        assert sqnr(want, out) >= COMPILED_MIN_SQNR
+        if exact:
+            assert torch.equal(out, want), f"{sqnr(want, out):.1f} dB against eager"
+        else:
+            # This inductor keeps the fused casts' float32 values (see the probe): each layer's
+            # output is off by under one bf16 rounding, 47.6 dB against eager measured on torch
+            # 2.11. A wrong kernel, scale, group size or a layer dropped is far below (< 30 dB).
+            assert sqnr(want, out) > 45, f"{sqnr(want, out):.1f} dB against eager (casts not emulated here)"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -135,7 +169,7 @@ def test_dispatch_linear_compiles_and_exports(dtype):
 
 
 def _tiny_llama(dtype: torch.dtype):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)

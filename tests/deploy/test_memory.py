@@ -50,7 +50,7 @@ def state_bytes(model: nn.Module) -> int:
 
 def _planned(dtype: torch.dtype, cand: Candidate) -> tuple[nn.Sequential, list[weakref.ref]]:
     if not runs_here(cand, dtype, WIDTH, WIDTH):
-        pytest.skip(f"{cand.name} cannot run {dtype} here")
+        pytest.skip(f"missing CPU feature: {cand.name} cannot run {dtype} on this CPU")
     model = _mlp(dtype)
     float_weights = [weakref.ref(m.weight) for m in model]
     apply_plan(model, plan({str(i): entry(cand) for i in range(LAYERS)}))

@@ -1,8 +1,11 @@
 """Writers for concurrency and crash checks: run in child processes by the tests (and usable by
-hand against a team server: `python -m autoquant.cache_db.stress URL...` runs 8 overlapping
-writers on each URL).
+hand against a team server: `python tests/cache_store/stress.py URL...` runs 8 overlapping writers
+on each URL).
 
-Module-level functions only, so `multiprocessing` can start them with the spawn method.
+Every writer writes figures of its own in every field (median, quartiles, samples, load average),
+so a row that mixed two writers' upserts matches no writer: the reader checks each row is one
+writer's whole row. Module-level functions only, so `multiprocessing` can start them with the
+spawn method (the children find this module through the parent's sys.path).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..hardware import Environment
-from ..keys import BenchKey, Measurement, OpShape, Timed
-from .sql_store import SQLStore
+from autoquant.cache_db.sql_store import SQLStore
+from autoquant.hardware import Environment
+from autoquant.keys import BenchKey, Measurement, OpShape, Timed
 
 __all__ = [
     "STRESS_ENV",
@@ -43,9 +46,11 @@ def overlapping_keys(worker: int, per_worker: int = 240, stride: int = 80) -> li
 
 
 def figures_for(key: BenchKey, worker: int) -> Measurement:
-    """Deterministic figures: samples names the writer, so the reader can tell who won."""
+    """Deterministic figures that differ between writers in EVERY field, so a row holding fields
+    of two writers equals neither writer's figures."""
     base = 1e-6 * (key.op.m + 1)
-    return Measurement(base, base * 0.9, base * 1.1, worker + 1, 0.25)
+    return Measurement(base * (1 + worker / 64), base * (0.9 - worker / 256), base * (1.1 + worker / 128),
+                       worker + 1, 0.25 + worker)
 
 
 def write_overlapping(urls: Sequence[str], worker: int, barrier: Any, batch: int = 40) -> None:
