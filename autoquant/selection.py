@@ -25,6 +25,7 @@ from .candidates import Candidate, is_baseline
 from .config import TuneConfig
 from .costmodel import Cost, Option, is_tie, pick, weighted_cost
 from .keys import OpShape
+from .primitives import sqnr
 from .tune import Trial
 
 __all__ = ["CandidateRow", "LayerPlan", "Dispatch", "select_layer", "sqnr_db", "is_baseline"]
@@ -32,16 +33,8 @@ __all__ = ["CandidateRow", "LayerPlan", "Dispatch", "select_layer", "sqnr_db", "
 log = logging.getLogger("autoquant")
 
 
-def sqnr_db(reference: Tensor, actual: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical, nan when not finite)."""
-    ref = reference.double()
-    err = (ref - actual.double()).pow(2).sum().item()
-    if not math.isfinite(err):
-        return math.nan
-    if err == 0:
-        return math.inf
-    sig = ref.pow(2).sum().item()
-    return 10.0 * math.log10(max(sig, 1e-300) / err)
+# One SQNR definition for the whole package (primitives.sqnr); the name is kept for callers.
+sqnr_db = sqnr
 
 
 @dataclass(frozen=True)
