@@ -308,8 +308,19 @@ def _fault_message(fault: DeviceFault, op: OpShape, index: int, total: int, stor
 def _supports(cand: Candidate, device: torch.device, op: OpShape) -> str | None:
     try:
         return cand.supports(device, op)
+    except ImportError as exc:
+        # A broken install of a required package (Triton on Linux x86_64): the candidate is out,
+        # but said loudly, once per message, not only as a report reason.
+        reason = f"supports() raised {type(exc).__name__}: {exc}"
+        if reason not in _IMPORT_ERRORS_LOGGED:
+            _IMPORT_ERRORS_LOGGED.add(reason)
+            log.error("autoquant: %s is out because a required package failed to import: %s", cand.name, exc)
+        return reason
     except Exception as exc:  # supports() must not raise; if it does, that is the reason
         return f"supports() raised {type(exc).__name__}: {exc}"
+
+
+_IMPORT_ERRORS_LOGGED: set[str] = set()
 
 
 # A prior for the progress bar's ETA, before any op has been timed: seconds per candidate for
