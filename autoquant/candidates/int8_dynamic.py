@@ -60,7 +60,7 @@ from ._util import (
     triton_op,
 )
 from .base import Candidate, register, register_kernel
-from .int8_weight_only import INT8_FORMAT, quantize_int8_nk_rowscale
+from .int8_weight_only import INT8_FORMAT, dequantize_int8_nk_rowscale, quantize_int8_nk_rowscale
 
 __all__ = ["Int8Dynamic", "Int8DynamicFbgemm", "Int8DynamicIntMm", "Int8DynamicOnednn", "Int8DynamicTriton"]
 
@@ -124,7 +124,7 @@ class Int8Dynamic(Candidate):
 
     def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         # Every kernel rescales the exact integer sums by the float32 weight scales.
-        return packed["w_int8"].float() * packed["w_scale"].float()[:, None]
+        return dequantize_int8_nk_rowscale(packed)
 
     # ---- compute: quantize x, then the matmul and rescale ----------------------------------------
     def _quantize_x(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -78,6 +78,12 @@ def quantize_int8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
     return {"w_int8": q.contiguous(), "w_scale": scale.contiguous()}
 
 
+def dequantize_int8_nk_rowscale(packed: dict[str, Tensor]) -> Tensor:
+    """The float32 [N, K] weight of an ``int8_nk_rowscale`` packed dict: exact integer codes times
+    the float32 row scale (what kernels that rescale integer sums by that scale multiply by)."""
+    return packed["w_int8"].float() * packed["w_scale"].float()[:, None]
+
+
 @register
 @dataclass(frozen=True)
 class Int8WeightOnly(Candidate):
@@ -109,8 +115,8 @@ class Int8WeightOnly(Candidate):
         return quantize_int8_nk_rowscale(weight)
 
     def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        # Exact integer codes times the float32 scale (triton's epilogue; int8pack overrides).
-        return packed["w_int8"].float() * packed["w_scale"].float()[:, None]
+        # triton's epilogue; int8pack and dequant override (they cast the scale to x's dtype).
+        return dequantize_int8_nk_rowscale(packed)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         # Exact integer sums (|acc| < 2^53 in float64), times the float32 scale, bias in the
