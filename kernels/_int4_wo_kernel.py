@@ -19,7 +19,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from ._triton_common import Tile, dot_acc, make_configs, prune_by_m, tile_coords
+from ._triton_common import Tile, dot_acc, interpreting, make_configs, prune_by_m, tile_coords
 
 TILES = [
     # decode: narrow N, long K per trip (BLOCK_K is clamped to the group size by _prune)
@@ -173,3 +173,95 @@ def int4_wo_mm_kernel(
 
 
 KERNEL = int4_wo_mm_kernel
+
+
+# ---------------------------------------------------------------------------------------- GEMV
+# Decode (M <= int4_weight_only.GEMV_MAX_M): no tensor cores, one activation row per program, the
+# weight streamed once in [BLOCK_N, BLOCK_K // 2] byte tiles (16-byte loads along K) and K split
+# over several programs when N alone leaves SMs idle (int4_weight_only.gemv_splits picks how many).
+# (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is clamped to the group size by _prune_gemv.
+GEMV_TILES = [
+    (16, 128, 2, 2),
+    (32, 128, 4, 2),
+    (64, 128, 4, 2),
+    (32, 64, 2, 3),
+    (64, 64, 4, 3),
+    (128, 128, 8, 2),
+]
+# Under the interpreter one small tile (every config would be timed on the CPU otherwise).
+GEMV_INTERPRETER_TILE = (16, 32, 4, 1)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    tiles = [GEMV_INTERPRETER_TILE] if interpreting() else GEMV_TILES
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, k, w, st in tiles
+    ]
+
+
+def _prune_gemv(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """Clamp BLOCK_K to the group size (a K tile then lies inside one group), dropping duplicates."""
+    group = int(named_args.get("GROUP_SIZE", kwargs.get("GROUP_SIZE", 32)))
+    kept: dict[tuple, triton.Config] = {}
+    for c in configs:
+        params = {**c.kwargs, "BLOCK_K": min(c.kwargs["BLOCK_K"], group)}
+        key = (tuple(sorted(params.items())), c.num_warps, c.num_stages)
+        kept.setdefault(key, triton.Config(params, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(kept.values())
+
+
+@triton.autotune(
+    configs=_gemv_configs(),
+    key=["N", "K", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+)
+@triton.jit
+def int4_wo_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr,
+    N, K, GROUPS_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wj, stride_sg, stride_sn, stride_zg, stride_zn,
+    stride_os, stride_om, stride_on,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (n tile, K split, row): o[split, row, n tile] = x[row, split's K] @ w^T (+ bias on
+    split 0). ``o`` is the output itself (one split) or a float32 [splits, M, N] workspace that the
+    launch wrapper sums. Each K tile lies inside one group (BLOCK_K <= GROUP_SIZE, both powers of
+    two, GROUP_SIZE divides K), so no K masks are needed. The dequantized weight is rounded to the
+    activation dtype before the multiply, as the tensor-core kernel above does."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row = tl.program_id(2)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF_K)
+    n_ok = offs_n < N
+    g_start = pid_s * GROUPS_PER_SPLIT
+    g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, K // GROUP_SIZE)
+    x_row = x_ptr + row * stride_xm
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, HALF_K), dtype=tl.float32)
+    for k0 in range(g_start * GROUP_SIZE, g_end * GROUP_SIZE, BLOCK_K):
+        group = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + group * stride_sg + offs_n * stride_sn, mask=n_ok, other=0.0)
+        zero = tl.load(z_ptr + group * stride_zg + offs_n * stride_zn, mask=n_ok, other=0.0)
+        scale = scale.to(tl.float32)[:, None]
+        zero = zero.to(tl.float32)[:, None]
+        packed = tl.load(w_rows + (k0 // 2 + offs_j)[None, :] * stride_wj, mask=n_ok[:, None], other=0)
+        x_even = tl.load(x_row + (k0 + 2 * offs_j) * stride_xk)
+        x_odd = tl.load(x_row + (k0 + 2 * offs_j + 1) * stride_xk)
+        w_lo = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x_even.dtype).to(tl.float32)
+        w_hi = (((packed >> 4).to(tl.float32) - zero) * scale).to(x_even.dtype).to(tl.float32)
+        acc += w_lo * x_even.to(tl.float32)[None, :] + w_hi * x_odd.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.where(pid_s == 0, bias, 0.0)
+    o_ptrs = o_ptr + pid_s * stride_os + row * stride_om + offs_n * stride_on
+    tl.store(o_ptrs, y.to(o_ptr.dtype.element_ty), mask=n_ok)
+
+
+GEMV_KERNEL = int4_wo_gemv_kernel

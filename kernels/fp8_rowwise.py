@@ -42,7 +42,8 @@ MIN_CAPABILITY = (8, 9)
 def quantize_rowwise_fp8_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row symmetric e4m3 quantization of a 2-D float tensor -> (x_fp8, scale [rows] f32)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=1) / FP8_MAX).clamp_min(ROWWISE_EPS)
+    # A tensor divisor: CUDA computes `/ number` as a multiply by the reciprocal (one ulp off).
+    scale = (xf.abs().amax(dim=1) / xf.new_full((1,), FP8_MAX)).clamp_min(ROWWISE_EPS)
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

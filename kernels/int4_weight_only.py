@@ -24,7 +24,7 @@ Contract::
                group_size G in {32, 64, 128}, bias [N] float | None) -> y [M, N] x.dtype
     y = x @ w.T + bias        (K must be a multiple of G; float32 accumulation)
 
-Tuned for M = 1..256. Example (CUDA, or CPU with TRITON_INTERPRET=1)::
+Tuned for M = 1..256; M <= 4 runs a split-K GEMV kernel instead (see _gemv.py). Example (CUDA, or CPU with TRITON_INTERPRET=1)::
 
     packed = pack_int4(q)                                  # q: [N, K] uint8 in 0..15
     y = int4_wo_mm(x, packed, scales, zeros, 128, bias)
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._gemv import gemv_splits, reduce_splits, split_output, use_gemv
 from ._registry import (
     check_launchable,
     define_op,
@@ -173,6 +174,9 @@ def _launch(
 
     m, k = x.shape
     n = w_packed.shape[0]
+    if use_gemv(m):
+        _launch_gemv(kernels.GEMV_KERNEL, x, w_packed, scales, zeros, group_size, bias, out)
+        return
     launcher(kernels.KERNEL, x.device)[grid_2d(m, n)](
         x, w_packed, scales, zeros, scales if bias is None else bias, out,
         m, n, k, m_bucket(m),
@@ -184,6 +188,39 @@ def _launch(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=is_interpreted(kernels.KERNEL),
     )  # fmt: skip
+
+
+def _launch_gemv(
+    kernel: object,
+    x: Tensor,
+    w_packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
+    out: Tensor,
+) -> None:
+    """Decode rows (see _gemv.py): K split on group boundaries, splits summed into ``out``."""
+    m, k = x.shape
+    n = w_packed.shape[0]
+    groups = k // group_size
+    per_split = -(-groups // gemv_splits(-(-n // 32), k, x.device))
+    splits = -(-groups // per_split)
+    target, stride_os, stride_om, stride_on = split_output(out, splits)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (-(-n // meta["BLOCK_N"]), splits, m)
+
+    launcher(kernel, x.device)[grid](
+        x, w_packed, scales, zeros, scales if bias is None else bias, target,
+        n, k, per_split,
+        x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1),
+        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+        stride_os, stride_om, stride_on,
+        group_size,
+        HAS_BIAS=bias is not None,
+    )  # fmt: skip
+    reduce_splits(target, out)
 
 
 @torch.library.custom_op("autoquant::_int4_wo_mm_opaque", mutates_args=())

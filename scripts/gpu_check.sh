@@ -21,6 +21,10 @@
 #     bash scripts/gpu_check.sh                    # on the GPU machine, results in $OUT
 #     bash scripts/gpu_check.sh results/gpu        # results in results/gpu
 #     bash scripts/gpu_check.sh --dry-run [DIR]    # CPU, tiny sizes, CUDA steps on CPU or skipped
+#     bash scripts/gpu_check.sh --only pytest_cuda,bench_triton --tests FILE --budget 300
+#         # a rerun: only the named steps (env, smoke, roundtrip, pytest_cuda, bench_triton,
+#         # bench_e2e), the CUDA tests limited to the node ids listed in FILE (one per line,
+#         # relative to the repository root), bench_triton limited by --bench-args "..."
 #
 # Exit status: 0 when every step exited 0 (a step cut by the budget counts as failed in --dry-run
 # only), else 1. PYTHON=... picks the interpreter (default: python3; .venv/bin/python in --dry-run).
@@ -30,10 +34,16 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 DRY=0
 BUDGET=460
 out_arg=""
+ONLY=""
+TESTS_FILE=""
+BENCH_ARGS=""
 while (($#)); do
     case "$1" in
         --dry-run) DRY=1 ;;
         --budget) BUDGET="$2"; shift ;;
+        --only) ONLY="$2"; shift ;;
+        --tests) TESTS_FILE="$2"; shift ;;
+        --bench-args) BENCH_ARGS="$2"; shift ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) out_arg="$1" ;;
     esac
@@ -85,6 +95,10 @@ step() {
     local name="$1" cap="$2" reserve="$3"
     shift 3
     local now left t rc t0 t1 status
+    if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then
+        say "=== $name: not run (--only $ONLY)"
+        return
+    fi
     now=$(date +%s)
     left=$((DEADLINE - now - reserve))
     t=$((cap < left ? cap : left))
@@ -187,9 +201,17 @@ else
         --out "$OUTDIR/roundtrip.json"
 fi
 
-pytest_args=(-m pytest -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" "$REPO/tests"
+pytest_targets=("$REPO/tests")
+if [[ -n "$TESTS_FILE" ]]; then
+    # A rerun: the listed node ids only (made absolute: pytest runs from the scratch folder).
+    [[ "$TESTS_FILE" == /* ]] || TESTS_FILE="$REPO/$TESTS_FILE"
+    mapfile -t ids < <(grep -v '^[[:space:]]*$' "$TESTS_FILE")
+    pytest_targets=("${ids[@]/#/$REPO/}")
+    say "pytest_cuda: ${#ids[@]} node ids from $TESTS_FILE"
+fi
+pytest_args=(-m pytest -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" "${pytest_targets[@]}"
              -m cuda -q -rfE --junitxml "$OUTDIR/pytest_cuda.xml")
-if have xdist; then pytest_args+=(-n 8); else say "pytest-xdist missing: CUDA tests run in one process"; fi
+if have xdist; then pytest_args+=(-n "${PYTEST_WORKERS:-8}"); else say "pytest-xdist missing: CUDA tests run in one process"; fi
 if have pytest_timeout; then pytest_args+=(--timeout 120); else say "pytest-timeout missing: no per-test timeout"; fi
 if ((DRY)); then
     # No GPU: the selection is collected (exit 5, "no tests", would mean the marker selects
@@ -197,7 +219,7 @@ if ((DRY)); then
     say "dry run: collecting the CUDA-marked tests only"
     pytest_args+=(--collect-only)
 fi
-step pytest_cuda 110 100 "$PY" "${pytest_args[@]}"
+step pytest_cuda "${PYTEST_CAP:-110}" 100 "$PY" "${pytest_args[@]}"
 
 if ((DRY)); then
     step bench_triton 90 40 env TRITON_INTERPRET=1 "$PY" "$REPO/benchmarks/bench_triton.py" --dry-run \
@@ -205,10 +227,11 @@ if ((DRY)); then
     step bench_e2e 120 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cpu --dtype bfloat16 \
         --models llama3-8b --tiny --layers 1 --m 1 --out "$OUTDIR/bench_e2e.json"
 else
-    step bench_triton 60 60 "$PY" "$REPO/benchmarks/bench_triton.py" --m 1,16,128,1024 --samples 50 \
-        --out "$OUTDIR/bench_triton.json"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+    step bench_triton 60 60 "$PY" "$REPO/benchmarks/bench_triton.py" ${BENCH_ARGS:---m 1,16,128,1024} \
+        --samples 50 --out "$OUTDIR/bench_triton.json"
     step bench_e2e 100 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cuda --dtype bfloat16 \
-        --models llama3-8b --layers 1 --m 1,128 --out "$OUTDIR/bench_e2e.json"
+        --models llama3-8b --layers 1 --m "${E2E_M:-1,128}" --out "$OUTDIR/bench_e2e.json"
 fi
 
 # ---------------------------------------------------------------------------------------- summary

@@ -162,12 +162,13 @@ class Int8DynamicIntMm(Int8Dynamic):
         reason = not_cuda_reason(name, device)
         if reason:
             return reason
+        # The hard rule first: with it broken the kernel cannot run at any M (seen on an H200).
+        if op.k % 8 or op.n % 8:
+            return f"{name}: cuBLASLt int8 GEMM needs K and N multiples of 8, got K={op.k} N={op.n}"
         if op.m < CUDA_INT_MM_MIN_M:
             return (f"{name}: cuBLASLt int8 GEMM needs M > 16, got M={op.m} (linear() zero-pads to 17 "
                     "rows so a finalized layer still runs, but that is not worth timing: "
                     "int8_weight_only covers small M)")
-        if op.k % 8 or op.n % 8:
-            return f"{name}: cuBLASLt int8 GEMM needs K and N multiples of 8, got K={op.k} N={op.n}"
         return None
 
     def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,

@@ -75,6 +75,7 @@ class KernelSpec:
     min_arch: int = 80
     fixed_config: tuple[tuple[str, Any], ...] = ()  # for kernels without autotuning
     fixed_warps: int = 4
+    ints: frozenset[str] = frozenset()  # other integer args, with no divisibility known
 
     def pointer_types(self, dtype: str) -> dict[str, str]:
         x = TRITON_DTYPES[dtype]
@@ -108,6 +109,26 @@ SPECS = (
         div16=frozenset({"N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_sg", "stride_zg",
                          "stride_om"}),
         constexprs=(("HAS_BIAS", False), ("UPCAST_DOT", False)), dtype_constexprs=_DOT_PRECISION,
+        group_sizes=(32, 64, 128),
+    ),
+    KernelSpec(
+        # Decode GEMV (kernels/_gemv.py); o_ptr is the output (one K split) or a float32 workspace.
+        name="int8_wo_gemv", module="_int8_wo_kernel", attr="GEMV_KERNEL", dtypes=_FLOAT_DTYPES,
+        pointers=(("x_ptr", "*{x}"), ("w_ptr", "*i8"), ("s_ptr", "*fp32"), ("b_ptr", "*fp32"),
+                  ("o_ptr", "*{x}")),
+        unit=frozenset({"stride_xk", "stride_wk", "stride_on"}),
+        div16=frozenset({"N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_om"}),
+        ints=frozenset({"stride_os"}),
+        constexprs=(("HAS_BIAS", False),),
+    ),
+    KernelSpec(
+        name="int4_wo_gemv", module="_int4_wo_kernel", attr="GEMV_KERNEL", dtypes=_FLOAT_DTYPES,
+        pointers=(("x_ptr", "*{x}"), ("w_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*fp32"),
+                  ("b_ptr", "*fp32"), ("o_ptr", "*{x}")),
+        unit=frozenset({"stride_xk", "stride_wj", "stride_sn", "stride_zn", "stride_on"}),
+        div16=frozenset({"N", "K", "stride_xm", "stride_wn", "stride_sg", "stride_zg", "stride_om"}),
+        ints=frozenset({"GROUPS_PER_SPLIT", "stride_os"}),
+        constexprs=(("HAS_BIAS", False),),
         group_sizes=(32, 64, 128),
     ),
     KernelSpec(
@@ -238,7 +259,10 @@ def _configs(kernel: Any, spec: KernelSpec, group: int | None) -> dict[tuple, tu
     for cfg in kernel.configs:
         out.setdefault(_cfg_key(cfg), (cfg, set()))[1].add("autotune")
     prune = _early_prune(kernel)
-    if prune is not None:
+    if prune is None:  # no pruning hook: an eager launch may run every config of the list
+        for cfg_and_origins in out.values():
+            cfg_and_origins[1].add("eager")
+    else:
         for bucket in M_BUCKETS:
             named = {"M_BUCKET": bucket}
             if group is not None:
@@ -308,7 +332,8 @@ def signature(variant: Variant) -> tuple[dict[str, str], dict[str, Any], dict[tu
         elif name in spec.unit:
             sig[name] = "constexpr"
             consts[name] = 1
-        elif name.startswith("stride") or name in ("M", "N", "K", "M_BUCKET") or name in spec.div16:
+        elif (name.startswith("stride") or name in ("M", "N", "K", "M_BUCKET") or name in spec.div16
+              or name in spec.ints):
             sig[name] = "i32"
             if name in spec.div16:
                 attrs[(index,)] = [["tt.divisibility", 16]]

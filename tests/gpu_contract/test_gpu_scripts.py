@@ -66,3 +66,29 @@ def test_env_report_has_the_fingerprint(tmp_path):
     info = json.loads(out.read_text())
     assert len(info["fingerprint"]["hash"]) == 16
     assert info["autoquant"]["kernels_file"].endswith("__init__.py")
+
+
+def test_gpu_check_rerun_runs_only_the_named_steps_and_tests(tmp_path):
+    """The rerun mode (--only, --tests): two listed CUDA node ids are collected, nothing else runs."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    ids = ["tests/candidates/test_definitions.py::test_floors_reject_a_three_percent_gain",  # not CUDA
+           "tests/core/test_hardware.py"]
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(ids) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([bash, str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--only", "pytest_cuda",
+                           "--tests", str(listed), "--budget", "200", str(out)],
+                          capture_output=True, text=True, timeout=400, check=False,
+                          env={**os.environ, "PYTHON": sys.executable})
+    log = (out / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "pytest_cuda: 2 node ids from" in log
+    for name in ("env", "smoke", "roundtrip", "bench_triton", "bench_e2e"):
+        assert f"=== {name}: not run (--only pytest_cuda)" in log
+    # Only the CUDA-marked tests of the listed ones: none of the first, the CUDA ones of the file.
+    collected = [line for line in log.splitlines() if line.startswith("tests/") and "::" in line]
+    assert collected and all(line.startswith("tests/core/test_hardware.py::") for line in collected), collected
+    summary = (out / "summary.txt").read_text()
+    assert "pytest_cuda rc=0" in summary and "smoke rc=" not in summary
