@@ -1,13 +1,18 @@
-"""When and how the weight-only families launch their GEMV kernels (decode: M <= GEMV_MAX_M).
+"""When and how int4 weight-only launches its GEMV kernel (decode: one row, K split).
 
-The tensor-core kernels pad a decode call up to a 16-row tile and give each program a whole K, so at
-M = 1 they launch one program per BLOCK_N columns: on the H200 of the first GPU run that left the
-int4 kernel at 0.36-0.84x bf16 ``F.linear`` and int8 at 1.26-1.57x
-(benchmarks/results/gpu/h200-2026-11-30/bench_triton.json). The GEMV kernels (``GEMV_KERNEL`` in
-``_int4_wo_kernel.py`` / ``_int8_wo_kernel.py``) use no tensor cores, give each program one row, and
-split K over several programs (``gemv_splits``) so that narrow N still fills the GPU; the split
-partial sums go to a float32 [splits, M, N] workspace that one ``sum`` reduces (deterministic, no
-atomics).
+The tensor-core kernel pads a decode call up to a 16-row tile and gives each program a whole K, so
+at M = 1 it launches one program per BLOCK_N columns. ``GEMV_KERNEL`` in ``_int4_wo_kernel.py``
+uses no tensor cores, gives each program one row and splits K over several programs
+(``gemv_splits``); the split partial sums go to a float32 [splits, M, N] workspace that one
+``sum`` reduces (deterministic, no atomics).
+
+Where it runs follows the H200 measurements (benchmarks/results/gpu/h200-2026-11-30 and
+h200-2026-11-30-rerun, bench_triton.json, bf16, G=128): at M = 1 the GEMV beat the tensor-core
+kernel where K was split (4096x4096: 22.4 vs 37.4 us; K=14336, N=4096: 53.2 vs 119.5 us) and lost
+where N alone filled the GPU and K was not split (K=4096, N=14336: 54.0 vs 49.5 us); at M = 4 it
+lost everywhere (49.5-146.8 us, the weight re-read once per row). An int8 weight-only GEMV built
+the same way lost at M = 1 (16.9-35.5 us vs 13.8-33.8) and was removed. So: M == 1 and at least
+two K splits, else the tensor-core kernel.
 
 Only a concrete ``int`` M takes this path: a symbolic M (torch.compile with dynamic shapes, export)
 keeps the tensor-core kernel, so no guard on M is added to a traced graph.
@@ -19,9 +24,8 @@ import functools
 
 import torch
 
-# Rows up to which a call takes the GEMV kernel (each row is one program; the weight is re-read
-# from L2 for rows after the first).
-GEMV_MAX_M = 4
+# Rows up to which a call may take the GEMV kernel (each row is one program; see the module doc).
+GEMV_MAX_M = 1
 # Programs per SM the K split aims for, and the least K one split covers on a GPU.
 _PROGRAMS_PER_SM = 4
 _MIN_K_PER_SPLIT_CUDA = 1024

@@ -7,7 +7,7 @@ Triton reads TRITON_INTERPRET.
 import triton
 import triton.language as tl
 
-from ._triton_common import Tile, dot_acc, interpreting, make_configs, prune_by_m, tile_coords
+from ._triton_common import Tile, dot_acc, make_configs, prune_by_m, tile_coords
 
 # Memory-bound small-M tiles first: BLOCK_M=16 is the smallest tensor-core tile, narrow BLOCK_N
 # gives enough programs to cover every SM at M=1 without split-K, long BLOCK_K keeps many loads in
@@ -82,67 +82,3 @@ def int8_wo_mm_kernel(
 
 KERNEL = int8_wo_mm_kernel
 
-
-# ---------------------------------------------------------------------------------------- GEMV
-# Decode (M <= int8_weight_only.GEMV_MAX_M): no tensor cores, one activation row per program, the
-# weight streamed once in [BLOCK_N, BLOCK_K] int8 tiles (16-byte loads along K), K split over
-# several programs when N alone leaves SMs idle (int8_weight_only.gemv_splits picks how many).
-# (BLOCK_N, BLOCK_K, num_warps, num_stages)
-GEMV_TILES = [
-    (8, 256, 2, 2),
-    (16, 256, 4, 2),
-    (32, 256, 4, 2),
-    (16, 512, 4, 2),
-    (32, 128, 4, 3),
-    (64, 128, 8, 2),
-]
-GEMV_INTERPRETER_TILE = (16, 32, 4, 1)
-
-
-def _gemv_configs() -> list[triton.Config]:
-    tiles = [GEMV_INTERPRETER_TILE] if interpreting() else GEMV_TILES
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for n, k, w, st in tiles
-    ]
-
-
-@triton.autotune(configs=_gemv_configs(), key=["N", "K"])
-@triton.jit
-def int8_wo_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, o_ptr,
-    N, K, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Program (n tile, K split, row): o[split, row, n tile] = (x[row, split's K] @ w_int8^T) *
-    scale (+ bias on split 0). ``o`` is the output itself (one split) or a float32
-    [splits, M, N] workspace that the launch wrapper sums. int8 -> float32 is exact; products and
-    sums are float32, like the tensor-core kernel's accumulation."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    k_start = pid_s * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    x_row = x_ptr + row * stride_xm
-    w_rows = w_ptr + offs_n[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < k_end
-        q = tl.load(w_rows + k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        a = tl.load(x_row + k * stride_xk, mask=k_ok, other=0.0)
-        acc += q.to(tl.float32) * a.to(tl.float32)[None, :]
-    scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * scale
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)
-    o_ptrs = o_ptr + pid_s * stride_os + row * stride_om + offs_n * stride_on
-    tl.store(o_ptrs, y.to(o_ptr.dtype.element_ty), mask=n_ok)
-
-
-GEMV_KERNEL = int8_wo_gemv_kernel

@@ -24,7 +24,8 @@ Contract::
                group_size G in {32, 64, 128}, bias [N] float | None) -> y [M, N] x.dtype
     y = x @ w.T + bias        (K must be a multiple of G; float32 accumulation)
 
-Tuned for M = 1..256; M <= 4 runs a split-K GEMV kernel instead (see _gemv.py). Example (CUDA, or CPU with TRITON_INTERPRET=1)::
+Tuned for M = 1..256; M = 1 runs a split-K GEMV kernel where K is split (see _gemv.py).
+Example (CUDA, or CPU with TRITON_INTERPRET=1)::
 
     packed = pack_int4(q)                                  # q: [N, K] uint8 in 0..15
     y = int4_wo_mm(x, packed, scales, zeros, 128, bias)
@@ -174,8 +175,7 @@ def _launch(
 
     m, k = x.shape
     n = w_packed.shape[0]
-    if use_gemv(m):
-        _launch_gemv(kernels.GEMV_KERNEL, x, w_packed, scales, zeros, group_size, bias, out)
+    if use_gemv(m) and _launch_gemv(kernels.GEMV_KERNEL, x, w_packed, scales, zeros, group_size, bias, out):
         return
     launcher(kernels.KERNEL, x.device)[grid_2d(m, n)](
         x, w_packed, scales, zeros, scales if bias is None else bias, out,
@@ -199,13 +199,16 @@ def _launch_gemv(
     group_size: int,
     bias: Tensor | None,
     out: Tensor,
-) -> None:
-    """Decode rows (see _gemv.py): K split on group boundaries, splits summed into ``out``."""
+) -> bool:
+    """Decode rows (see _gemv.py): K split on group boundaries, splits summed into ``out``. Returns
+    False, launching nothing, where K would not be split (the tensor-core kernel is faster there)."""
     m, k = x.shape
     n = w_packed.shape[0]
     groups = k // group_size
     per_split = -(-groups // gemv_splits(-(-n // 32), k, x.device))
     splits = -(-groups // per_split)
+    if splits < 2:
+        return False
     target, stride_os, stride_om, stride_on = split_output(out, splits)
 
     def grid(meta: dict) -> tuple[int, int, int]:
@@ -221,6 +224,7 @@ def _launch_gemv(
         HAS_BIAS=bias is not None,
     )  # fmt: skip
     reduce_splits(target, out)
+    return True
 
 
 @torch.library.custom_op("autoquant::_int4_wo_mm_opaque", mutates_args=())

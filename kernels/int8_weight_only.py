@@ -12,8 +12,8 @@ Contract::
 The kernel loads int8 weight tiles, converts them in registers (exact) and accumulates in float32 on
 tensor cores; the per-column scale and the bias are applied once in the epilogue. Float32
 activations use IEEE float32 dots (no TF32), matching F.linear's default. Autotuned per (M bucket,
-N, K) for M = 1..512 (small-BLOCK_M, narrow-N tiles); M <= 4 runs a split-K GEMV kernel
-instead (see _gemv.py). M = 0 returns an empty [0, N]
+N, K) for M = 1..512 (small-BLOCK_M, narrow-N tiles for decode; a split-K GEMV measured slower
+at M = 1 and 4 on an H200: see kernels/_gemv.py). M = 0 returns an empty [0, N]
 tensor.
 
 Example (CUDA, or CPU with TRITON_INTERPRET=1)::
@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._gemv import gemv_splits, reduce_splits, split_output, use_gemv
 from ._registry import (
     check_launchable,
     define_op,
@@ -73,9 +72,6 @@ def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None, out
 
     m, k = x.shape
     n = w_int8.shape[0]
-    if use_gemv(m):
-        _launch_gemv(kernels.GEMV_KERNEL, x, w_int8, w_scale, bias, out)
-        return
     launcher(kernels.KERNEL, x.device)[grid_2d(m, n)](
         x, w_int8, w_scale, w_scale if bias is None else bias, out,
         m, n, k, m_bucket(m),
@@ -84,33 +80,6 @@ def _launch(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None, out
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST_DOT=is_interpreted(kernels.KERNEL),
     )  # fmt: skip
-
-
-# A K split covers a multiple of this many columns: its start stays 16-byte aligned, so the weight
-# loads vectorize (the kernel masks K, so any split is correct).
-_GEMV_K_ALIGN = 64
-
-
-def _launch_gemv(kernel: object, x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None,
-                 out: Tensor) -> None:
-    """Decode rows (see _gemv.py): K split in multiples of 64 columns, splits summed into ``out``."""
-    m, k = x.shape
-    n = w_int8.shape[0]
-    per_split = -(-k // gemv_splits(-(-n // 16), k, x.device))
-    per_split = -(-per_split // _GEMV_K_ALIGN) * _GEMV_K_ALIGN
-    splits = -(-k // per_split)
-    target, stride_os, stride_om, stride_on = split_output(out, splits)
-
-    def grid(meta: dict) -> tuple[int, int, int]:
-        return (-(-n // meta["BLOCK_N"]), splits, m)
-
-    launcher(kernel, x.device)[grid](
-        x, w_int8, w_scale, w_scale if bias is None else bias, target,
-        n, k, per_split,
-        x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1), stride_os, stride_om, stride_on,
-        HAS_BIAS=bias is not None,
-    )  # fmt: skip
-    reduce_splits(target, out)
 
 
 @torch.library.custom_op("autoquant::_int8_wo_mm_opaque", mutates_args=())

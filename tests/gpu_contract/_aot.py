@@ -113,15 +113,6 @@ SPECS = (
     ),
     KernelSpec(
         # Decode GEMV (kernels/_gemv.py); o_ptr is the output (one K split) or a float32 workspace.
-        name="int8_wo_gemv", module="_int8_wo_kernel", attr="GEMV_KERNEL", dtypes=_FLOAT_DTYPES,
-        pointers=(("x_ptr", "*{x}"), ("w_ptr", "*i8"), ("s_ptr", "*fp32"), ("b_ptr", "*fp32"),
-                  ("o_ptr", "*{x}")),
-        unit=frozenset({"stride_xk", "stride_wk", "stride_on"}),
-        div16=frozenset({"N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_om"}),
-        ints=frozenset({"stride_os"}),
-        constexprs=(("HAS_BIAS", False),),
-    ),
-    KernelSpec(
         name="int4_wo_gemv", module="_int4_wo_kernel", attr="GEMV_KERNEL", dtypes=_FLOAT_DTYPES,
         pointers=(("x_ptr", "*{x}"), ("w_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*fp32"),
                   ("b_ptr", "*fp32"), ("o_ptr", "*{x}")),
