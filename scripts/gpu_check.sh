@@ -8,11 +8,12 @@
 #   pytest_cuda.xml    junit of `pytest -m cuda` (every CUDA test), per-test timeouts
 #   bench_triton.json  benchmarks/bench_triton.py: Triton kernels vs bf16 and torch's paths
 #   bench_e2e.json     benchmarks/bench_e2e.py: 1-layer Llama-3-8B-shaped model, bf16, M=1 / 128
-#   log.txt            every step's output
+#   log.txt            every step's output (benchmarks/gpu_overhead.py prints its host-time
+#                      profile there: no file of its own)
 #   summary.txt        per step: exit code, seconds, cut or not; then the headline results
 #
 # Steps run in that order (most information per second first), each under `timeout -s INT` so a
-# step cut short still writes what it has, within a total budget (--budget, default 460 s).
+# step cut short still writes what it has, within a total budget (--budget, default 475 s).
 # Missing packages (sqlalchemy, platformdirs, psycopg) come from the git-ignored .whl/ folder
 # (scripts/fetch_gpu_wheels.sh; carry it with the run), installed with pip --no-index into a scratch
 # folder on PYTHONPATH; the checkout itself is installed editable (offline, no build isolation),
@@ -23,7 +24,7 @@
 #     bash scripts/gpu_check.sh --dry-run [DIR]    # CPU, tiny sizes, CUDA steps on CPU or skipped
 #     bash scripts/gpu_check.sh --only pytest_cuda,bench_triton --tests FILE --budget 300
 #         # a rerun: only the named steps (env, smoke, roundtrip, pytest_cuda, bench_triton,
-#         # bench_e2e), the CUDA tests limited to the node ids listed in FILE (one per line,
+#         # overhead, bench_e2e), the CUDA tests limited to the node ids listed in FILE (one per line,
 #         # relative to the repository root), bench_triton limited by --bench-args "..."
 #
 # Exit status: 0 when every step exited 0 (a step cut by the budget counts as failed in --dry-run
@@ -32,7 +33,7 @@ set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 DRY=0
-BUDGET=460
+BUDGET=475
 out_arg=""
 ONLY=""
 TESTS_FILE=""
@@ -224,12 +225,15 @@ step pytest_cuda "${PYTEST_CAP:-110}" 100 "$PY" "${pytest_args[@]}"
 if ((DRY)); then
     step bench_triton 90 40 env TRITON_INTERPRET=1 "$PY" "$REPO/benchmarks/bench_triton.py" --dry-run \
         --schemes int8_wo,int4_wo --m 1 --out "$OUTDIR/bench_triton.json"
+    step overhead 60 0 "$PY" "$REPO/benchmarks/gpu_overhead.py" --device cpu --dtype float32 --calls 20 \
+        --profile 1 --top 8
     step bench_e2e 120 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cpu --dtype bfloat16 \
         --models llama3-8b --tiny --layers 1 --m 1 --out "$OUTDIR/bench_e2e.json"
 else
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     step bench_triton 60 60 "$PY" "$REPO/benchmarks/bench_triton.py" ${BENCH_ARGS:---m 1,16,128,1024} \
         --samples 50 --out "$OUTDIR/bench_triton.json"
+    step overhead 30 90 "$PY" "$REPO/benchmarks/gpu_overhead.py"
     step bench_e2e 100 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cuda --dtype bfloat16 \
         --models llama3-8b --layers 1 --m "${E2E_M:-1,128}" --out "$OUTDIR/bench_e2e.json"
 fi

@@ -85,10 +85,28 @@ def test_gpu_check_rerun_runs_only_the_named_steps_and_tests(tmp_path):
     log = (out / "log.txt").read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "pytest_cuda: 2 node ids from" in log
-    for name in ("env", "smoke", "roundtrip", "bench_triton", "bench_e2e"):
+    for name in ("env", "smoke", "roundtrip", "bench_triton", "overhead", "bench_e2e"):
         assert f"=== {name}: not run (--only pytest_cuda)" in log
     # Only the CUDA-marked tests of the listed ones: none of the first, the CUDA ones of the file.
     collected = [line for line in log.splitlines() if line.startswith("tests/") and "::" in line]
     assert collected and all(line.startswith("tests/core/test_hardware.py::") for line in collected), collected
     summary = (out / "summary.txt").read_text()
     assert "pytest_cuda rc=0" in summary and "smoke rc=" not in summary
+
+
+def test_gpu_report_renders_the_first_h200_run(tmp_path):
+    folder = ROOT / "benchmarks" / "results" / "gpu" / "h200-2026-11-30"
+    out = tmp_path / "report.md"
+    proc = _python([str(ROOT / "benchmarks" / "gpu_report.py"), str(folder), "--out", str(out)], tmp_path, 60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for shape in ("qo K=4096 N=4096", "kv K=4096 N=1024", "gate_up K=4096 N=14336", "down K=14336 N=4096"):
+        for m in (1, 17, 128):
+            assert f"### {shape}, M={m}" in text
+    # The bf16 baseline's own ratio is 1.00, and the first run's int8 weight-only M=1 row is there.
+    assert "| float(kernel=aten, compute_dtype=None) | 17.8 | 1.00 | 42.7 | 2.40 |" in text
+    assert "| int8_wo | 1 | 4096 | 4096 | 18.8 |" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _python([str(ROOT / "benchmarks" / "gpu_report.py"), str(empty)], tmp_path, 60)
+    assert proc.returncode != 0 and "no smoke.jsonl" in proc.stderr
