@@ -117,7 +117,8 @@ class Candidate(ABC):
     lossless: ClassVar[bool] = False
 
     kernel: str
-    # Set on each per-kernel class by register_kernel; None for families still in one class.
+    # Set on each per-kernel class by register_kernel; None on a family class (its constructor
+    # builds the class registered for the kernel asked for).
     kernel_name: ClassVar[str | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Candidate:

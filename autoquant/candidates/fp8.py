@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..keys import OpShape
-from ..primitives import fp8_per_row, fp8_weight_per_row
+from ..primitives import dequant_fp8_per_row, fp8_per_row, fp8_weight_per_row
 from ._util import (
     FLOAT_DTYPES,
     add_bias,
@@ -47,9 +48,10 @@ from ._util import (
     require_triton_op,
     triton_op,
 )
-from .base import Candidate, register
+from .base import Candidate, register, register_kernel
 
-__all__ = ["FP8_FORMAT", "Fp8Dynamic", "Fp8WeightOnly"]
+__all__ = ["FP8_FORMAT", "Fp8Dynamic", "Fp8DynamicScaledMm", "Fp8DynamicTriton", "Fp8WeightOnly",
+           "Fp8WeightOnlyDequant"]
 
 FP8_FORMAT = "fp8_nk_rowscale"
 FP8_MIN_CAPABILITY = (8, 9)
@@ -58,6 +60,11 @@ FP8_MIN_CAPABILITY = (8, 9)
 def quantize_fp8_nk_rowscale(weight: Tensor) -> dict[str, Tensor]:
     q, scale = fp8_weight_per_row(weight)
     return {"w_fp8": q.contiguous(), "w_scale": scale.contiguous()}
+
+
+def dequantize_fp8_nk_rowscale(packed: dict[str, Tensor]) -> Tensor:
+    """The float32 weight [N, K] the format stands for: ``w_fp8 * w_scale[:, None]`` (exact)."""
+    return dequant_fp8_per_row(packed["w_fp8"], packed["w_scale"])
 
 
 @functools.cache
@@ -99,6 +106,8 @@ def _eager_dequant(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callable[[
 @register
 @dataclass(frozen=True)
 class Fp8WeightOnly(Candidate):
+    """The weight-only family: one kernel, ``dequant`` (:class:`Fp8WeightOnlyDequant`)."""
+
     family: ClassVar[str] = "fp8_weight_only"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 4
@@ -109,25 +118,30 @@ class Fp8WeightOnly(Candidate):
 
     kernel: str = "dequant"
 
-    def __post_init__(self) -> None:
-        if self.kernel != "dequant":
-            raise ValueError(f"fp8_weight_only: unknown kernel {self.kernel!r}; expected 'dequant'")
-
     @property
     def weight_format(self) -> str | None:
         return FP8_FORMAT
 
-    def supports(self, device: torch.device, op: OpShape) -> str | None:
-        return bad_dtype_reason("fp8_weight_only/dequant", op_dtype(op.dtype), FLOAT_DTYPES)
-
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         return quantize_fp8_nk_rowscale(weight)
+
+
+@register_kernel(Fp8WeightOnly, "dequant")
+class Fp8WeightOnlyDequant(Fp8WeightOnly):
+    """``F.linear(x, w_fp8.to(x.dtype) * scale)`` on any device (see the module doc)."""
+
+    def supports(self, device: torch.device, op: OpShape) -> str | None:
+        return bad_dtype_reason("fp8_weight_only/dequant", op_dtype(op.dtype), FLOAT_DTYPES)
 
     def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
         return _dequant_linear(x, packed, bias)
 
     def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
         return _eager_dequant(buffers, dtype)
+
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        # The weight as _dequant_linear forms it: codes and scale cast to x's dtype, product there.
+        return (packed["w_fp8"].to(dtype) * packed["w_scale"].to(dtype)[:, None]).float()
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
         return _dequant_linear(x, packed, bias)
@@ -136,6 +150,10 @@ class Fp8WeightOnly(Candidate):
 @register
 @dataclass(frozen=True)
 class Fp8Dynamic(Candidate):
+    """The dynamic family: packed state, per-row activation quantization, the exact-sum part of the
+    reference. Each kernel is a subclass below (``Fp8Dynamic("triton")`` builds an
+    :class:`Fp8DynamicTriton`)."""
+
     family: ClassVar[str] = "fp8_dynamic"
     version: ClassVar[int] = 1
     order: ClassVar[int] = 5
@@ -146,42 +164,60 @@ class Fp8Dynamic(Candidate):
 
     kernel: str = "scaled_mm"
 
-    def __post_init__(self) -> None:
-        if self.kernel not in ("scaled_mm", "triton"):
-            raise ValueError(f"fp8_dynamic: unknown kernel {self.kernel!r}; expected 'scaled_mm' or 'triton'")
-
     @property
     def weight_format(self) -> str | None:
         return FP8_FORMAT
 
     def supports(self, device: torch.device, op: OpShape) -> str | None:
         name = f"fp8_dynamic/{self.kernel}"
-        reason = bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES)
-        if reason:
-            return reason
-        if self.kernel == "scaled_mm":
-            if device.type == "cpu":
-                return cpu_rowwise_scaled_mm_reason()  # where it runs, slowly: timing decides
-            reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
-            if reason:
-                return reason
-            if op.k % 16 or op.n % 16:
-                return f"{name}: CUDA _scaled_mm needs K and N multiples of 16, got K={op.k} N={op.n}"
-            return None
-        reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
-        if reason:
-            return reason
-        _, reason = triton_op("fp8_rowwise_mm")
-        return reason
+        return bad_dtype_reason(name, op_dtype(op.dtype), FLOAT_DTYPES) or self._kernel_reason(name, device, op)
+
+    @abstractmethod
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None: ...
 
     def quantize(self, weight: Tensor) -> dict[str, Tensor]:
         return quantize_fp8_nk_rowscale(weight)
 
-    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], runtime: Any,
-                bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-        if self.kernel == "triton":
-            fn = require_triton_op("fp8_rowwise_mm")
-            return fn(xq, xs, packed["w_fp8"], packed["w_scale"], bias, out_dtype=out_dtype)
+    def dequantize(self, packed: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return dequantize_fp8_nk_rowscale(packed)
+
+    @abstractmethod
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor: ...
+
+    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
+        xq, xs = fp8_per_row(x)
+        return self._matmul(xq, xs, packed, bias, x.dtype)
+
+    def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
+                    bias: Tensor | None) -> Callable[[], Tensor] | None:
+        xq, xs = fp8_per_row(x)
+        out_dtype = x.dtype
+        return lambda: self._matmul(xq, xs, packed, bias, out_dtype)
+
+    def _exact_scaled(self, x: Tensor, packed: dict[str, Tensor]) -> Tensor:
+        """float32 ``(x_fp8 @ w_fp8^T) * x_scale * w_scale`` with the sums exact (float64)."""
+        xq, xs = fp8_per_row(x)
+        acc = xq.double() @ packed["w_fp8"].double().T  # e4m3 products and sums: exact in float64
+        return (acc.float() * xs[:, None]) * packed["w_scale"][None, :]
+
+
+@register_kernel(Fp8Dynamic, "scaled_mm")
+class Fp8DynamicScaledMm(Fp8Dynamic):
+    """``torch._scaled_mm`` with row-wise scales (CPU where the build takes them; CUDA sm89+)."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        if device.type == "cpu":
+            return cpu_rowwise_scaled_mm_reason()  # where it runs, slowly: timing decides
+        reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
+        if reason:
+            return reason
+        if op.k % 16 or op.n % 16:
+            return f"{name}: CUDA _scaled_mm needs K and N multiples of 16, got K={op.k} N={op.n}"
+        return None
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
         mm_dtype = torch.bfloat16 if xq.is_cuda else out_dtype
         fuse_bias = bias is not None and mm_dtype == out_dtype
         # _scaled_mm wants scale_b as a contiguous [1, N] float32 tensor: a view of w_scale, made
@@ -193,15 +229,11 @@ class Fp8Dynamic(Candidate):
             y = add_bias(y.to(out_dtype), bias)
         return y
 
-    def linear(self, x: Tensor, packed: dict[str, Tensor], runtime: Any, bias: Tensor | None) -> Tensor:
-        xq, xs = fp8_per_row(x)
-        return self._matmul(xq, xs, packed, runtime, bias, x.dtype)
-
     def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
-        """CPU ``_scaled_mm`` with the bias fused (out_dtype = x's dtype there); other devices and
-        the Triton kernel take the generic path."""
+        """CPU ``_scaled_mm`` with the bias fused (out_dtype = x's dtype there); CUDA takes the
+        generic path."""
         w, b = buffers["w_fp8"], buffers.get("bias")
-        if self.kernel != "scaled_mm" or w.device.type != "cpu" or (b is not None and b.dtype != dtype):
+        if w.device.type != "cpu" or (b is not None and b.dtype != dtype):
             return None
         scaled_mm = torch._scaled_mm
 
@@ -214,19 +246,33 @@ class Fp8Dynamic(Candidate):
 
         return run
 
-    def matmul_part(self, x: Tensor, packed: dict[str, Tensor], runtime: Any,
-                    bias: Tensor | None) -> Callable[[], Tensor] | None:
-        xq, xs = fp8_per_row(x)
-        out_dtype = x.dtype
-        return lambda: self._matmul(xq, xs, packed, runtime, bias, out_dtype)
+    def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
+        # CUDA's row-wise path writes bf16: the bias and the cast to x's dtype come after it.
+        y = self._exact_scaled(x, packed)
+        mm_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        if bias is not None and mm_dtype == x.dtype:
+            return (y + bias.float()).to(x.dtype)
+        return add_bias(y.to(mm_dtype).to(x.dtype), bias)
+
+
+@register_kernel(Fp8Dynamic, "triton")
+class Fp8DynamicTriton(Fp8Dynamic):
+    """``autoquant.kernels.fp8_rowwise_mm`` (CUDA sm89+), out_dtype = x's dtype, bias fused."""
+
+    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
+        reason = not_cuda_reason(name, device) or min_capability_reason(name, device, FP8_MIN_CAPABILITY)
+        if reason:
+            return reason
+        _, reason = triton_op("fp8_rowwise_mm")
+        return reason
+
+    def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+        fn = require_triton_op("fp8_rowwise_mm")
+        return fn(xq, xs, packed["w_fp8"], packed["w_scale"], bias, out_dtype=out_dtype)
 
     def reference(self, x: Tensor, packed: dict[str, Tensor], bias: Tensor | None) -> Tensor:
-        xq, xs = fp8_per_row(x)
-        acc = xq.double() @ packed["w_fp8"].double().T  # e4m3 products and sums: exact in float64
-        y = (acc.float() * xs[:, None]) * packed["w_scale"][None, :]
-        mm_dtype = torch.bfloat16 if (self.kernel == "scaled_mm" and x.is_cuda) else x.dtype
-        fused = bias is not None and (self.kernel == "triton" or mm_dtype == x.dtype)
-        if fused:
+        y = self._exact_scaled(x, packed)
+        if bias is not None:
             y = y + bias.float()
-        y = y.to(mm_dtype).to(x.dtype)
-        return add_bias(y, bias) if bias is not None and not fused else y
+        return y.to(x.dtype)

@@ -125,3 +125,23 @@ def test_no_device_query_at_import():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OURS []" in out.stdout, out.stdout
+
+
+def test_every_family_is_one_class_per_kernel_without_string_branching():
+    """Issue 12: each (family, kernel) is its own class, so adding a kernel adds a class and edits
+    no method. Every default instance is an instance of a class registered for its kernel, and no
+    candidate module compares ``self.kernel`` with a name."""
+    import pathlib
+    import re
+
+    from autoquant.candidates import base, default_candidates
+
+    for device, dtype in ((torch.device("cpu"), torch.float32), (torch.device("cuda"), torch.bfloat16)):
+        for cand in default_candidates(device, dtype):
+            kernels = base._KERNEL_CLASSES.get(type(cand).__mro__[1], {})
+            assert kernels.get(cand.kernel) is type(cand), f"{cand.name}: not built by a kernel class"
+    folder = pathlib.Path(base.__file__).parent
+    branching = re.compile(r"self\.kernel\s*(==|!=)\s*['\"]|self\.kernel\s+(not\s+)?in\s*[(\[{]")
+    found = [f"{p.name}:{i}" for p in sorted(folder.glob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if branching.search(line)]
+    assert not found, f"kernel-name branching in candidates: {found}"
