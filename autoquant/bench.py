@@ -351,26 +351,8 @@ class CudaTimer:
     def __init__(self, config: BenchConfig | None = None) -> None:
         self.config = config or BenchConfig()
 
-    def _capture(self, fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            torch.cuda.synchronize(device)
-            return graph.replay
-        except Exception:  # capture unsupported for this kernel: fall back to eager launches
-            torch.cuda.synchronize(device)
-            return fn
-
     def quick(self, job: BenchJob, device: torch.device) -> float:
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(device):
             job.fn()
             best = math.inf
             for _ in range(2):
@@ -395,8 +377,9 @@ class CudaTimer:
             return []
         cfg = self.config
         started = time.perf_counter()
-        with torch.no_grad():
-            runners = [self._capture(job.fn, device) for job in jobs]
+        # Events, streams, capture and the flush buffer on `device`, whichever device is current.
+        with torch.no_grad(), torch.cuda.device(device):
+            runners = [capture_graph(job.fn, device)[0] for job in jobs]
             flush = torch.empty(cfg.l2_flush_mb << 20, dtype=torch.uint8, device=device)
             t0 = time.perf_counter()
             for run in runners:
@@ -410,6 +393,30 @@ class CudaTimer:
                     samples[i].append(_event_time(runners[i], flush))
             del flush
         return [_summary(s, None) for s in samples]
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], Any], bool]:
+    """``(graph.replay, True)`` for `fn` captured in a CUDA graph on `device`, after three warm-up
+    calls on a side stream (compilation, autotuning and lazy init must not happen inside a capture);
+    ``(fn, False)`` where capture fails (a kernel that syncs or allocates on the host): the caller
+    then times eager launches."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            torch.cuda.synchronize(device)
+            return graph.replay, True
+        except Exception:  # noqa: BLE001 - capture unsupported for this kernel: eager launches
+            torch.cuda.synchronize(device)
+            return fn, False
 
 
 def _event_time(run: Callable[[], Any], flush: torch.Tensor) -> float:

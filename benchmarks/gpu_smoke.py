@@ -73,23 +73,11 @@ def eager_us(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
 def graph_us(fn: Callable[[], Any], device: torch.device, samples: int,
              flush: torch.Tensor) -> tuple[float, bool]:
     """(median microseconds of one call, captured?): a CUDA graph of one call replayed after an L2
-    flush and timed with events; eager launches between events where capture fails."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    run, captured = fn, False
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize(device)
-        run, captured = graph.replay, True
-    except Exception:  # noqa: BLE001 - a kernel that cannot be captured is timed eagerly
-        torch.cuda.synchronize(device)
+    flush and timed with events (the library's own capture); eager launches between events where
+    capture fails."""
+    from autoquant.bench import capture_graph
+
+    run, captured = capture_graph(fn, device)
     times = []
     for _ in range(samples):
         flush.zero_()
