@@ -165,6 +165,9 @@ class Int4TinygemmCpu(Int4WeightOnly):
         return cpu_scalar_only_reason(name, device, dtype)
 
     def prepare(self, packed: dict[str, Tensor]) -> Any:
+        n = packed["w_int4"].shape[0]
+        if n % 16:  # a shape rule: our ValueError at build time, not torch's RuntimeError from the pack
+            raise ValueError(f"{self.name}: the CPU int4 pack needs N % 16 == 0, got N={n}")
         prepack("int4pack", packed["w_int4"])  # warms the cache; the op rebuilds a missing entry itself
         return None
 

@@ -33,16 +33,16 @@ SPEED_DECLINE = "not worth timing"
 
 # What forcing a declined kernel must raise, by the rule its reason names: shape rules are
 # ValueErrors from our own checks (at build time, before any kernel runs); device rules are
-# RuntimeErrors naming the device. Where torch's own check speaks first (the CPU int4 pack's
-# N % 16; a CPU _scaled_mm without row-wise scales; the CUDA GEMMs' alignment, dtype and
-# capability rules) it is torch's RuntimeError.
+# RuntimeErrors naming the device. Where torch's own check speaks first (a CPU _scaled_mm without
+# row-wise scales; the CUDA GEMMs' alignment, dtype and capability rules) it is torch's
+# RuntimeError.
 DECLINED_ERRORS = (
     ("not a multiple of group_size", ValueError, "multiple of group_size"),
     # fp8_dynamic/scaled_mm on a torch whose CPU _scaled_mm takes per-tensor scales only (2.11):
     # torch's internal assert, "Now _scaled_mm only supports per-tensor scaling for CPU backend".
     ("rejects row-wise scales", RuntimeError, "per-tensor scaling"),
     ("needs K % 16", ValueError, "K % 16"),
-    ("N % 16", RuntimeError, "dividable by 16"),
+    ("N % 16", ValueError, "N % 16 == 0"),
     ("is a CUDA kernel", RuntimeError, "CUDA|wrong device"),
     ("is a CPU kernel", RuntimeError, ""),
     ("multiples of", RuntimeError, ""),
