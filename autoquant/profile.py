@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Mapping
 
 import torch
@@ -39,11 +40,16 @@ def model_fingerprint(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class ShapeProfile:
-    """Ops and their call counts (summed over layers), sorted: a canonical, weight-free record."""
+    """Ops and their call counts (summed over layers), sorted: a canonical, weight-free record.
+
+    The same class travels through JSON files and the tuning cache (``autoquant.cache_db`` hands it
+    out); ``created_at`` is set where a cache stored it, and takes no part in equality or JSON.
+    """
 
     name: str
     model_fingerprint: str
     ops: tuple[tuple[OpShape, int], ...]
+    created_at: datetime | None = field(default=None, compare=False)
 
     def counts(self) -> dict[OpShape, int]:
         return dict(self.ops)

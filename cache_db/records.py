@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from ..hardware import Environment
 from ..keys import BenchKey, Measurement, OpShape, Timed
+from ..profile import ShapeProfile  # one class for files and the cache (autoquant/profile.py)
 
 __all__ = [
     "CacheStats",
@@ -70,24 +71,6 @@ class MeasurementRecord(NamedTuple):
         return StoredMeasurement(
             BenchKey(self.env, candidate, params, version, OpShape(m, k, n, bias, dtype),
                      Timed(timed)), Measurement(*self.figures), self.created_at, self.host)
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """The ops one model ran and how often, saved under a name to tune without the model.
-
-    >>> p = ShapeProfile("bert", "sha:1", ((OpShape(8, 384, 384, True, "float32"), 24),))
-    >>> p.counts()[OpShape(8, 384, 384, True, "float32")]
-    24
-    """
-
-    name: str
-    model_fingerprint: str
-    ops: tuple[tuple[OpShape, int], ...]
-    created_at: datetime | None = None
-
-    def counts(self) -> dict[OpShape, int]:
-        return dict(self.ops)
 
 
 @dataclass(frozen=True)
