@@ -77,6 +77,14 @@ def _prune(store: SQLStore, args: argparse.Namespace) -> list[str]:
     return cmd_prune(store, age, foreign)
 
 
+def _coverage(store: SQLStore, args: argparse.Namespace) -> list[str]:
+    # Candidate sets live above the cache (autoquant.candidates): the one verb that needs them.
+    from ..worker import coverage, coverage_lines  # noqa: PLC0415
+
+    cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    return coverage_lines(coverage(store, args.profile, cands))
+
+
 def add_cache_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="inspect and maintain the tuning cache",
                            description="Inspect and maintain the tuning cache (default: "
@@ -109,4 +117,8 @@ def add_cache_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--foreign", action="store_true",
                    help="delete measurements of every environment but this machine's")
     p.add_argument("--device", default=None, help="device whose environment to keep (--foreign)")
+    p = add("coverage", "per stored profile and environment: units done, pairs measured, claims held now",
+            _with_store(_coverage))
+    p.add_argument("--profile", default=None, help="only this stored profile")
+    p.add_argument("--candidates", default=None, help="comma-separated families, as given to the workers")
     return cache

@@ -7,6 +7,7 @@ transaction; opening a store runs every step the file still needs, in order. A d
 History
   v1  schema_version, environments, measurements without `load_avg` and `host`.
   v2  measurements gain `load_avg` (nullable) and `host` (default ''); shape_profiles added.
+  v3  work_claims added (pre-tuning workers' claims on units of work, issue 17).
 
 To change the schema: edit :mod:`.models`, append a migration that turns the previous version into
 the new one (its DDL frozen here, not read from the models, which keep changing), bump
@@ -22,10 +23,13 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    BigInteger,
+    CheckConstraint,
     Integer,
     MetaData,
     Table,
     Text,
+    UniqueConstraint,
     func,
     inspect,
     select,
@@ -44,7 +48,7 @@ __all__ = [
     "newer_schema_error",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Any fixed number: PostgreSQL sessions migrating the same database queue on this advisory lock.
 _PG_MIGRATION_LOCK = 0x6175746F71  # "autoq"
 
@@ -70,8 +74,27 @@ def _v1_to_v2(conn: Connection) -> None:
     ).create(conn)
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    frozen = MetaData()
+    Table(
+        "work_claims", frozen,
+        Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+        Column("env_hash", Text, nullable=False),
+        Column("unit", Text, nullable=False),
+        Column("state", Text, nullable=False),
+        Column("owner", Text, nullable=False),
+        Column("claimed_at", DateTime(timezone=True), nullable=False),
+        Column("lease_until", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True), nullable=True),
+        Column("attempts", Integer, server_default="1", nullable=False),
+        UniqueConstraint("env_hash", "unit", name="uq_work_claims_unit"),
+        CheckConstraint("state IN ('claimed', 'done')", name="ck_work_claims_state"),
+    ).create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "measurements.load_avg and .host; shape_profiles table", _v1_to_v2),
+    Migration(2, "work_claims table", _v2_to_v3),
 )
 assert [m.from_version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION))
 

@@ -32,6 +32,7 @@ __all__ = [
     "MeasurementRow",
     "SchemaVersionRow",
     "ShapeProfileRow",
+    "WorkClaimRow",
 ]
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY (the rowid alias); PostgreSQL gets a 64-bit id.
@@ -124,3 +125,27 @@ class ShapeProfileRow(Base):
     model_fingerprint: Mapped[str] = mapped_column(Text)
     ops: Mapped[str] = mapped_column(Text)  # JSON list of {m, k, n, bias, dtype, count}
     created_at: Mapped[datetime] = mapped_column(_Timestamp, server_default=func.now())
+
+
+class WorkClaimRow(Base):
+    """One unit of pre-tuning work (an op and a candidate set, ``unit``) for one environment,
+    claimed by a worker until ``lease_until``; ``state`` 'done' once its measurements are written.
+
+    A worker that dies leaves its claim 'claimed' with a lease that runs out; another worker then
+    takes it over (``attempts`` counts the takes). Times are the workers' UTC clocks."""
+
+    __tablename__ = "work_claims"
+    __table_args__ = (
+        UniqueConstraint("env_hash", "unit", name="uq_work_claims_unit"),
+        CheckConstraint("state IN ('claimed', 'done')", name="ck_work_claims_state"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True)
+    env_hash: Mapped[str] = mapped_column(Text)
+    unit: Mapped[str] = mapped_column(Text)  # canonical JSON: the op and its candidate set's digest
+    state: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(Text)  # "host:pid" of the worker holding or finishing it
+    claimed_at: Mapped[datetime] = mapped_column(_Timestamp)
+    lease_until: Mapped[datetime] = mapped_column(_Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(_Timestamp, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")

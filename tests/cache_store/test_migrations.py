@@ -90,6 +90,35 @@ def test_v1_database_is_upgraded_with_its_data(store_url: str, tmp_path: Path) -
     assert SQLStore(store_url).upgraded_from == SCHEMA_VERSION  # the second open changes nothing
 
 
+V2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v2" / "cache_v2.db.bin"
+
+
+def test_v2_file_made_by_the_v2_release_is_upgraded_to_v3(tmp_path: Path) -> None:
+    """tests/fixtures/cache_v2: a SQLite cache written by main at schema v2 (40 CPU and 12 GPU
+    measurements, profile 'bert'). Opening it upgrades it in place; every row is still there, the
+    claims table works, and a fresh file has the same columns."""
+    import shutil
+
+    from autoquant.cache_db import claims
+
+    path = tmp_path / "cache.sqlite"
+    shutil.copy(V2_FIXTURE, path)
+    before = sqlite3.connect(path)
+    assert before.execute("SELECT version FROM schema_version").fetchone() == (2,)
+    counts = before.execute("SELECT COUNT(*) FROM measurements").fetchone()
+    before.close()
+    store = SQLStore(path)
+    assert (store.upgraded_from, store.schema_version) == (2, SCHEMA_VERSION)
+    assert (len(store.measurements()),) == counts == (52,)
+    assert store.load_profile("bert").counts()[OpShape(8, 384, 384, True, "float32")] == 24
+    assert claims.try_claim(store, CPU_ENV.hash, "unit-1", "host:1")
+    assert not claims.try_claim(store, CPU_ENV.hash, "unit-1", "host:2")
+    store.close()
+    fresh = tmp_path / "fresh.sqlite"
+    SQLStore(fresh).close()
+    assert _columns(f"sqlite:///{path}") == _columns(f"sqlite:///{fresh}")
+
+
 def _newer_sqlite(path: Path) -> bytes:
     SQLStore(path).close()
     con = sqlite3.connect(path)

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from autoquant.cache_db import SQLStore, StoredMeasurement
+from autoquant.cache_db.migrations import SCHEMA_VERSION
 from autoquant.cache_db.models import ENVIRONMENT_FIELD_COLUMNS, EnvironmentRow, MeasurementRow
 from sqlalchemy import event, text, update
 
@@ -144,7 +145,7 @@ def test_stats(store: SQLStore) -> None:
     assert (s.environments, s.measurements, s.profiles) == (2, 21, 0)
     assert {e.hash: e.measurements for e in s.per_environment} == {CPU_ENV.hash: 20,
                                                                    GPU_ENV.hash: 1}
-    assert s.oldest is not None and s.size_bytes and s.schema_version == 2
+    assert s.oldest is not None and s.size_bytes and s.schema_version == SCHEMA_VERSION
 
 
 def _age_rows(store: SQLStore, days: int) -> None:
