@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 
 from .models import WorkClaimRow
 from .records import as_utc
@@ -65,18 +65,22 @@ def try_claim(store: SQLStore, env_hash: str, unit: str, owner: str,
                                 .returning(C.c.id)).first()
         if inserted is not None:
             return "new"
-        expired = (select(C.c.id).where(C.c.env_hash == env_hash, C.c.unit == unit,
-                                        C.c.state == "claimed", C.c.lease_until < start))
+        # A lapsed claim, or one `owner` itself still holds (it lost the cache mid-unit and could
+        # not release it): take it.
+        takeable = or_(C.c.lease_until < start, C.c.owner == owner)
+        expired = (select(C.c.id, C.c.owner).where(C.c.env_hash == env_hash, C.c.unit == unit,
+                                                   C.c.state == "claimed", takeable))
         if store.backend == "postgresql":
             expired = expired.with_for_update(skip_locked=True)
         row = conn.execute(expired).first()
         if row is None:
             return None
-        taken = conn.execute(update(C).where(C.c.id == row.id, C.c.state == "claimed",
-                                             C.c.lease_until < start)
+        taken = conn.execute(update(C).where(C.c.id == row.id, C.c.state == "claimed", takeable)
                              .values(owner=owner, claimed_at=start, lease_until=until,
                                      attempts=C.c.attempts + 1))
-        return "taken_over" if taken.rowcount == 1 else None
+        if taken.rowcount != 1:
+            return None
+        return "new" if row.owner == owner else "taken_over"
 
     return store._write(work)
 

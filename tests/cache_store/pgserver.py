@@ -83,6 +83,7 @@ class PostgresServer:
     port: int
     password: str
     user: str = _USER
+    options: tuple[str, ...] = ()
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -141,6 +142,17 @@ class PostgresServer:
             pass
         self._kill_leftover()
         shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def pause(self) -> None:
+        """Shut the server down, keeping its data, as an outage would (see resume)."""
+        _run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30",
+              "stop"], "pg_ctl stop", self)
+
+    def resume(self) -> None:
+        """Start the paused server again on the same port, with the same data."""
+        _run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
+              "-t", "60", "-o", " ".join([f"-p {self.port}", *self.options]), "start"],
+             "pg_ctl start", self)
 
     def _kill_leftover(self) -> None:
         # The postmaster we started, if pg_ctl could not stop it: its pid is line 1 of this file.
@@ -204,6 +216,7 @@ def start_postgres(*, fsync: bool = False, attempts: int = 3) -> PostgresServer:
                    "-c max_connections=60", "-c shared_buffers=128MB"]
         if not fsync:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        server.options = tuple(options)
         last: PostgresStartError | None = None
         for _ in range(attempts):  # the free port can be taken between probe and bind: retry
             server.port = _free_port()

@@ -80,3 +80,10 @@ def test_concurrent_claims_of_one_expired_unit_give_one_winner(store_url) -> Non
     finally:
         for s in stores:
             s.close()
+
+
+def test_the_holder_takes_its_own_claim_back(store) -> None:
+    """A worker that lost the cache mid-unit (its release failed) claims the unit again at once."""
+    assert claims.try_claim(store, CPU_ENV.hash, "u1", "a:1", LEASE, T0) == "new"
+    assert claims.try_claim(store, CPU_ENV.hash, "u1", "a:1", LEASE, T0 + timedelta(seconds=1)) == "new"
+    assert claims.try_claim(store, CPU_ENV.hash, "u1", "b:2", LEASE, T0 + LEASE * 3) == "taken_over"

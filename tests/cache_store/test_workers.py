@@ -165,3 +165,37 @@ def test_coverage_follows_the_workers(store_url: str, tmp_path: Path) -> None:
         assert cli_main(["cache", "coverage", "--cache", store_url, "--candidates", ",".join(CANDS)]) == 0
     text = buf.getvalue()
     assert "bert" in text and "2/2 100%" in text and "3/3 100%" in text
+
+
+@pytest.mark.postgres
+def test_a_postgres_outage_is_waited_out(tmp_path: Path) -> None:
+    """The server stops mid-run and comes back: the worker says so, retries with backoff, and
+    finishes every unit; no crash, no unit left claimed."""
+    from .conftest import _no_server
+    from .pgserver import PostgresStartError, find_pg_bin, start_postgres
+
+    if find_pg_bin() is None:
+        _no_server("no PostgreSQL server binaries")
+    try:
+        server = start_postgres(fsync=False)
+    except PostgresStartError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        server.create_database("outage")
+        url = server.url("outage")
+        _fill(url)
+        log = tmp_path / "timings.log"
+        worker = _start(url, log, "--until-idle", "--delay", "0.2", "--lease", "60")
+        _wait_for(lambda: _timings(log), 120, "the worker to start timing")
+        server.pause()
+        time.sleep(3)
+        server.resume()
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+        assert "unreachable" in err and "retrying" in err, err[-3000:]
+        assert err.count("unreachable") <= 4  # said per outage, not per retry
+        assert _pending(url) == []
+        with SQLStore(url) as store:
+            assert {c.state for c in claims.claims(store)} == {"done"}
+    finally:
+        server.stop()
