@@ -31,7 +31,7 @@ TILES = [
     Tile(32, 64, 128, 4, 3),
     Tile(32, 128, 64, 4, 4),
     Tile(64, 64, 128, 4, 3),
-    Tile(64, 128, 64, 4, 4),
+    Tile(64, 128, 64, 4, 3),  # 4 stages: 176 KiB of shared memory in float32 on sm_80 (over 163)
     Tile(64, 256, 64, 8, 2),
     Tile(128, 128, 64, 8, 3),
     Tile(128, 64, 128, 4, 2),
