@@ -18,14 +18,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .keys import OpShape
 
-__all__ = ["ShapeProfile", "record_shapes", "model_fingerprint", "load_profile"]
+__all__ = ["ShapeProfile", "record_shapes", "model_fingerprint", "load_profile", "parse_m_buckets"]
 
 PROFILE_FORMAT = "autoquant-shape-profile"
 
@@ -81,9 +81,60 @@ class ShapeProfile:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} is not valid JSON ({exc})") from exc
 
+    def with_m(self, ms: Iterable[int]) -> "ShapeProfile":
+        """The same layers at every M in `ms` as well: each recorded (K, N, bias, dtype) gains an op
+        at each of those M (count 1 where it was not recorded), so that pretune and the workers
+        also cover the batch sizes and prompt lengths a deployment will see.
+
+        >>> p = ShapeProfile("p", "fp", ((OpShape(16, 8, 4, False, "float32"), 3),))
+        >>> [(op.m, n) for op, n in p.with_m([1, 16, 64]).ops]
+        [(1, 1), (16, 3), (64, 1)]
+        """
+        wanted = sorted({int(m) for m in ms})
+        if not wanted or wanted[0] < 1:
+            raise ValueError(f"M buckets must be positive integers, got {list(ms)}")
+        counts = dict(self.ops)
+        for op in {OpShape(0, o.k, o.n, o.bias, o.dtype) for o in counts}:
+            for m in wanted:
+                counts.setdefault(OpShape(m, op.k, op.n, op.bias, op.dtype), 1)
+        return ShapeProfile(self.name, self.model_fingerprint, tuple(sorted(counts.items())), self.created_at)
+
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(self.to_json() + "\n")
+
+
+def parse_m_buckets(text: str) -> list[int]:
+    """M values from "1,2,4,8" or a range "1-128" (the powers of two within it, both ends kept),
+    or both mixed: "1-16,24,100".
+
+    >>> parse_m_buckets("1-16,24")
+    [1, 2, 4, 8, 16, 24]
+    """
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo < 1 or hi < lo:
+                    raise ValueError
+                out.update({lo, hi})
+                p = 1
+                while p <= hi:
+                    if p >= lo:
+                        out.add(p)
+                    p *= 2
+            else:
+                value = int(part)
+                if value < 1:
+                    raise ValueError
+                out.add(value)
+        except ValueError:
+            raise ValueError(f"M buckets {text!r}: {part!r} is neither a positive integer nor a range "
+                             "like 1-128") from None
+    if not out:
+        raise ValueError(f"M buckets {text!r}: no value given (e.g. 1,2,4,8 or 1-128)")
+    return sorted(out)
 
 
 def load_profile(path: str | os.PathLike[str]) -> ShapeProfile:

@@ -130,3 +130,26 @@ def test_plan_with_dispatch_round_trips():
     apply_plan(src, plan_of(model))
     assert isinstance(src[0], DispatchLinear) and src[0].threshold == 64
     assert plan_of(src)["layers"] == plan_of(model)["layers"]
+
+
+def test_m_buckets_cover_the_batch_sizes_a_deployment_sees():
+    """Issue 17: a profile recorded at M=16, widened to M buckets, pretuned: a deployment at M=8
+    (not recorded, but a bucket) with on_miss="error" benchmarks nothing; one at M=9 (no bucket)
+    still raises CacheMissError naming the gap."""
+    from autoquant.profile import parse_m_buckets
+
+    store = MemoryStore()
+    prof = record_shapes(mlp(), torch.randn(16, 64)).with_m(parse_m_buckets("1-32"))
+    assert sorted({op.m for op, _ in prof.ops}) == [1, 2, 4, 8, 16, 32]
+    assert prof.counts()[aq.OpShape(16, 64, 96, True, "float32")] == 2  # recorded counts kept
+    assert prof.counts()[aq.OpShape(8, 64, 96, True, "float32")] == 1
+    pretune(prof, store, timer=FakeTimer(cheap_int8), progress=False)
+    deploy = CountingTimer(FakeTimer(cheap_int8))
+    autoquant(mlp(), torch.randn(8, 64), cache=store, on_miss="error", progress=False, timer=deploy)
+    assert deploy.calls == 0
+    with pytest.raises(CacheMissError):
+        autoquant(mlp(), torch.randn(9, 64), cache=store, on_miss="error", progress=False,
+                  timer=FakeTimer(cheap_int8))
+    for bad in ("0", "8-2", "x", ""):
+        with pytest.raises(ValueError, match="M buckets"):
+            parse_m_buckets(bad)
