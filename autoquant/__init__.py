@@ -5,6 +5,7 @@
 >>> # autoquant.report(model)                   # what was chosen and why (a DataFrame)
 """
 
+from .accuracy import BudgetResult
 from .api import DEFAULT_CACHE, autoquant, finalize, get_report, report
 from .bench import BenchConfig, CountingTimer, CpuTimer, CudaTimer, FakeTimer
 from .config import CostModel, TuneConfig
@@ -24,5 +25,5 @@ __all__ = [
     "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
     "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
     "apply_plan", "load_plan", "save_plan", "pretune", "quantize", "ShapeProfile", "record_shapes", "save", "load",
-    "CudaFaultError",
+    "CudaFaultError", "BudgetResult",
 ]

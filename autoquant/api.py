@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .accuracy import BudgetResult, RecordedCalls, enforce_budget
 from .bench import BenchConfig, Timer, default_timer
 from .candidates import Candidate, QuantizedLinear, default_candidates, get_family
 from .config import CostModel, TuneConfig
@@ -62,6 +63,9 @@ class _Session:
     progress: bool
     on_miss: str = "bench"
     hooks: list[Any] = field(default_factory=list)
+    # With min_cosine: the model's recorded calls and float outputs, and the hook collecting them.
+    recorded: RecordedCalls | None = None
+    capture: Any = None
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -133,6 +137,8 @@ def autoquant(
     mode: Any = ("interpolate", 0.85),
     manual: bool = False,
     min_sqnr: float | None = None,
+    min_cosine: float | None = None,
+    budget_outputs: Sequence[str] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     cache: Any = DEFAULT_CACHE,
     progress: bool = True,
@@ -153,6 +159,18 @@ def autoquant(
       kernel this device offers. The float baseline is always a candidate.
     - `mode`: 'relu' or ('interpolate', c): the cost model (see DESIGN.md section 4).
     - `min_sqnr`: per-layer accuracy floor in dB, measured on the layer's recorded activations.
+    - `min_cosine`: model-level accuracy budget in (0, 1]: on the recorded calls of the model
+      (the example_input, the first call, or the manual forwards; up to 16 are kept), every
+      floating output tensor's mean per-sample cosine similarity to the float model's output
+      stays at or above it. Layers are chosen among the measured candidates (more accurate
+      kernels and float included) for the least modeled time under it, and the result is verified
+      end to end before finalize returns; ``autoquant.get_report(model).accuracy`` holds the
+      verified cosine (mean / min) and the protected layers. 1.0 keeps every layer float.
+      Works together with `min_sqnr`. See autoquant/accuracy.py for what it costs.
+    - `budget_outputs`: the output tensors `min_cosine` applies to, named as the report names
+      them ('logits', 'sentence_embedding', 'hidden_states[3]', '[0]', 'output' for a bare
+      tensor); default every floating output tensor. E.g. ['sentence_embedding'] for a
+      sentence-transformers model, whose output also holds per-token embeddings (padding included).
     - `filter_fn(module, name) -> bool`: which nn.Linear layers to consider.
     - `cache`: a path or SQL URL, a Store, or None for memory only; default $AUTOQUANT_CACHE_URL
       or a SQLite file in the user cache dir (see ``autoquant cache path``).
@@ -193,8 +211,9 @@ def autoquant(
     config = TuneConfig(
         cost_model=CostModel.parse(mode), min_sqnr=min_sqnr,
         candidates=None, bench=bench or BenchConfig(), op_budget_s=op_budget_s,
-        hopeless_factor=hopeless_factor,
+        hopeless_factor=hopeless_factor, min_cosine=min_cosine,
     )
+    outputs = _parse_outputs(budget_outputs, config.min_cosine)
     layers, skipped = _select_layers(root, filter_fn)
     if not layers:
         log.warning("autoquant: no nn.Linear layer to tune in %s%s", type(root).__name__,
@@ -206,6 +225,9 @@ def autoquant(
                                   requires_grad=lin.weight.requires_grad)
     session = _Session(config, layers, records, skipped, _parse_candidates(candidates), cache, timer,
                        progress, on_miss)
+    if config.min_cosine is not None:
+        session.recorded = RecordedCalls(max_calls=config.verify_calls, outputs=outputs)
+        session.capture = root.register_forward_hook(session.recorded.hook, with_kwargs=True)
     object.__setattr__(root, _SESSION_ATTR, session)
     if example_input is not None:
         with torch.no_grad():
@@ -215,6 +237,17 @@ def autoquant(
     elif not manual:
         session.hooks.append(model.register_forward_pre_hook(_first_call_hook, with_kwargs=True))
     return model
+
+
+def _parse_outputs(names: Sequence[str] | None, min_cosine: float | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if min_cosine is None:
+        raise ValueError("budget_outputs names the outputs min_cosine applies to: pass min_cosine as well")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"budget_outputs must be output names such as ['logits'], got {names!r}")
+    return names
 
 
 def _call(module: nn.Module, example_input: Any) -> Any:
@@ -287,8 +320,14 @@ def finalize(model: nn.Module) -> nn.Module:
     if session.layers and not any(r.calls for r in session.records.values()):
         log.warning("autoquant.finalize: no forward pass was recorded, so every layer stays float; "
                     "run the model on representative inputs before finalize")
+    if session.capture is not None:
+        session.capture.remove()
+        session.capture = None
     try:
+        if session.recorded is not None and (session.recorded.calls or any(r.calls for r in session.records.values())):
+            session.recorded.check()  # before tuning: a budget that cannot be checked fails fast
         tuning = _tune_session(session)
+        budget, built = _budget(root, session, tuning[0]) if session.recorded is not None else (None, {})
     except BaseException:
         for lin in session.layers.values():
             restore_float(lin)
@@ -297,6 +336,8 @@ def finalize(model: nn.Module) -> nn.Module:
         object.__delattr__(root, _SESSION_ATTR)
         raise
     plans, envs, store_desc, warnings_ = tuning
+    if budget is not None and not budget.met:
+        warnings_.append(f"autoquant: accuracy budget min_cosine={budget.min_cosine} not met: {budget.note}")
     names = list(session.layers)
     _return_freed_memory()  # what selection freed (its trial builds), before the winners are built
     for name in names:
@@ -307,7 +348,7 @@ def finalize(model: nn.Module) -> nn.Module:
         plan = plans[name]
         new = None
         try:
-            new = build_layer(plan, lin)
+            new = built.pop(name) if name in built else build_layer(plan, lin)
         except Exception as exc:  # the model must never be taken down by one layer
             plan.status = f"kept float: building the winner failed ({type(exc).__name__}: {exc})"
             plan.winner, plan.dispatch, plan.cost = None, None, plan.baseline_cost
@@ -326,11 +367,26 @@ def finalize(model: nn.Module) -> nn.Module:
     rep = TuningReport(
         layers=[plans[n] for n in names], skipped=dict(session.skipped), environments=envs,
         cost_model=session.config.cost_model, min_sqnr=session.config.min_sqnr, cache=store_desc,
-        seconds=time.perf_counter() - started, warnings=warnings_,
+        seconds=time.perf_counter() - started, warnings=warnings_, accuracy=budget,
     )
     object.__setattr__(root, _REPORT_ATTR, rep)
     rep.log_summary()
     return model
+
+
+def _budget(root: nn.Module, session: _Session, plans: dict[str, LayerPlan]
+            ) -> tuple[BudgetResult, dict[str, nn.Module | None]]:
+    """Meet session.config.min_cosine on the recorded calls (accuracy.enforce_budget): the layers
+    get their plain float weights back first, so the checking forwards record nothing."""
+    assert session.recorded is not None and session.config.min_cosine is not None
+    cfg = session.config
+    if not session.recorded.calls:
+        note = "no forward pass was recorded, so every layer stays float and nothing was verified"
+        return BudgetResult(cfg.min_cosine, None, None, 0, met=True, note=note, outputs=session.recorded.outputs), {}
+    for lin in session.layers.values():
+        restore_float(lin)
+    return enforce_budget(root, session.layers, plans, session.recorded, cfg.min_cosine,
+                          margin=cfg.budget_margin, rounds=cfg.verify_rounds)
 
 
 def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], str, list[str]]:

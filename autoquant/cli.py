@@ -138,9 +138,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     model, inputs = _model_and_inputs(args)
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    if args.budget_output and args.min_cosine is None:
+        raise ValueError("--budget-output names the outputs --min-cosine applies to: pass --min-cosine as well")
     autoquant(model, inputs, cache=args.cache if args.cache != "none" else None, mode=args.mode,
               candidates=cands, min_sqnr=args.min_sqnr, progress=not args.no_progress,
-              on_miss=args.on_miss)
+              on_miss=args.on_miss, min_cosine=args.min_cosine, budget_outputs=args.budget_output)
     rep = get_report(model)
     frame = rep.summary_frame()
     if args.format == "markdown":
@@ -149,6 +151,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(frame.to_html(index=False))
     else:
         print(frame.to_string(index=False))
+        if rep.accuracy is not None:
+            print(rep.accuracy.summary())
     print(rep.summary(), file=sys.stderr)
     if args.plot:
         rep.plot(args.plot)
@@ -233,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--candidates", default=None, help="comma-separated family names (default: all)")
     rep.add_argument("--mode", default="interpolate", choices=["interpolate", "relu"])
     rep.add_argument("--min-sqnr", type=float, default=None, help="per-layer accuracy floor in dB")
+    rep.add_argument("--min-cosine", type=float, default=None,
+                     help="model-level accuracy budget in (0, 1]: every floating output's mean per-sample cosine to "
+                          "the float model's, on the inputs, stays at or above it (verified; the report shows it)")
+    rep.add_argument("--budget-output", action="append", default=None,
+                     help="an output tensor --min-cosine applies to (e.g. logits); repeat for several; default all")
     rep.add_argument("--on-miss", default="bench", choices=["bench", "error", "baseline"])
     rep.add_argument("--format", default="table", choices=["table", "markdown", "html"])
     rep.add_argument("--plot", default=None, help="write a PNG of per-layer speedups and candidate times")

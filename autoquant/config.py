@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .bench import BenchConfig
 
-__all__ = ["CostModel", "TuneConfig"]
+__all__ = ["CostModel", "TuneConfig", "check_min_cosine"]
 
 CostKind = Literal["relu", "interpolate"]
 
@@ -63,7 +64,14 @@ class TuneConfig:
     large op (M >= 64) a candidate predicted from probes at fewer rows to be that much slower than
     the best is skipped without a full-size call (0: both off). `op_budget_s` is the time one op's
     timing aims to take: samples adapt to it (never fewer than ``bench.min_samples``), so a large
-    op is timed in seconds, not minutes; None: every job gets its full sample count."""
+    op is timed in seconds, not minutes; None: every job gets its full sample count.
+
+    `min_cosine` is the model-level accuracy budget (in (0, 1], None: none): every floating
+    output tensor's mean per-sample cosine similarity to the float model's, on the recorded
+    inputs, stays at or above it. The budget solver aims at `budget_margin` times the allowed
+    drop (1 - min_cosine), leaving room for inputs that were not recorded; what is verified is
+    the budget itself. `verify_rounds` bounds the solve-and-verify rounds after the first miss;
+    `verify_calls` the model calls kept (inputs and float outputs) for verification."""
 
     cost_model: CostModel = field(default_factory=CostModel)
     min_sqnr: float | None = None
@@ -74,10 +82,20 @@ class TuneConfig:
     activation_rows: int = 64
     op_budget_s: float | None = 5.0
     bench: BenchConfig = field(default_factory=BenchConfig)
+    min_cosine: float | None = None
+    budget_margin: float = 0.8
+    verify_rounds: int = 4
+    verify_calls: int = 16
 
     def __post_init__(self) -> None:
         if self.min_sqnr is not None and not isinstance(self.min_sqnr, (int, float)):
             raise ValueError(f"min_sqnr must be a number of dB or None, got {self.min_sqnr!r}")
+        if self.min_cosine is not None:
+            check_min_cosine(self.min_cosine)
+        if not 0.0 < self.budget_margin <= 1.0:
+            raise ValueError(f"budget_margin must be within (0, 1], got {self.budget_margin!r}")
+        if self.verify_rounds < 1 or self.verify_calls < 1:
+            raise ValueError("verify_rounds and verify_calls must be >= 1")
         if self.tie_tolerance < 0:
             raise ValueError("tie_tolerance must be >= 0")
         if self.activation_rows < 1:
@@ -102,4 +120,24 @@ class TuneConfig:
             activation_rows=data.get("activation_rows", 64),
             op_budget_s=data.get("op_budget_s", 5.0),
             bench=BenchConfig(**data.get("bench", {})),
+            min_cosine=data.get("min_cosine"),
+            budget_margin=data.get("budget_margin", 0.8),
+            verify_rounds=data.get("verify_rounds", 4),
+            verify_calls=data.get("verify_calls", 16),
         )
+
+
+def check_min_cosine(value: object) -> float:
+    """`value` as a model-level cosine budget, or a ValueError saying what a budget must be.
+
+    >>> check_min_cosine(0.99)
+    0.99
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"min_cosine must be a number in (0, 1] (e.g. 0.99), got {value!r}")
+    v = float(value)
+    if math.isnan(v) or not 0.0 < v <= 1.0:
+        raise ValueError(
+            f"min_cosine={value!r} is outside (0, 1]: it is the lowest cosine similarity the quantized "
+            "model's outputs may have to the float model's, e.g. 0.99 (1.0 keeps every layer float)")
+    return v

@@ -29,13 +29,15 @@ from .hardware import Environment, environment
 from .keys import dtype_name, parse_dtype
 from .selection import Dispatch, is_baseline
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "choice_of", "layer_from_plan", "layer_meta",
+__all__ = ["ACCURACY_ATTR", "PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "choice_of", "layer_from_plan", "layer_meta",
            "shape_mismatch"]
 
 log = logging.getLogger("autoquant")
 
 PLAN_FORMAT = "autoquant-plan"
 PLAN_VERSION = 1
+# A plan-applied or loaded model keeps its plan's accuracy record here, so saving it again keeps it.
+ACCURACY_ATTR = "_autoquant_plan_accuracy"
 
 
 def _cand_json(c: Candidate) -> dict[str, Any]:
@@ -97,8 +99,13 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
     rep = getattr(root, "_autoquant_report", None)
     envs = rep.environments if rep is not None and rep.environments else (
         [environment(device)] if device is not None and device.type in ("cpu", "cuda") else [])
-    return {"format": PLAN_FORMAT, "version": PLAN_VERSION,
-            "environment": envs[0].to_dict() if envs else None, "layers": layers}
+    out = {"format": PLAN_FORMAT, "version": PLAN_VERSION,
+           "environment": envs[0].to_dict() if envs else None, "layers": layers}
+    budget = rep.accuracy.to_dict() if rep is not None and getattr(rep, "accuracy", None) is not None else \
+        getattr(root, ACCURACY_ATTR, None)
+    if budget is not None:
+        out["accuracy"] = budget  # the min_cosine budget and the cosines verified when it was tuned
+    return out
 
 
 def save_plan(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -128,6 +135,9 @@ def load_plan(source: str | os.PathLike[str] | dict) -> dict[str, Any]:
                          f"version {PLAN_VERSION}); re-create it with this version's autoquant.save_plan")
     if not isinstance(plan.get("layers"), dict):
         raise ValueError("plan has no 'layers' mapping")
+    acc = plan.get("accuracy")
+    if acc is not None and not (isinstance(acc, dict) and isinstance(acc.get("min_cosine"), (int, float))):
+        raise ValueError("plan 'accuracy' must be a mapping with a numeric 'min_cosine' (written by save_plan)")
     for name, entry in plan["layers"].items():
         if not isinstance(entry, dict) or entry.get("kind") not in ("float", "candidate", "dispatch"):
             raise ValueError(f"plan layer {name!r}: 'kind' must be float, candidate or dispatch")
@@ -175,13 +185,71 @@ def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:
     return f"plan was tuned on {planned.short()}, this is {here.short()} (differs in: {', '.join(diff)})"
 
 
-def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict, *, strict: bool = False) -> nn.Module:
+def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict, *, strict: bool = False,
+               verify: bool = False, inputs: Any = None, min_cosine: float | None = None) -> nn.Module:
     """Turn each float nn.Linear named in `plan` into its planned layer; benchmarks nothing.
     Warns when the plan's environment fingerprint differs from this device's. A layer whose
     shape differs from the one the plan was made for keeps float, with a warning naming both
-    shapes; ``strict=True`` raises instead (a plan applied to the wrong model)."""
+    shapes; ``strict=True`` raises instead (a plan applied to the wrong model).
+
+    The accuracy a plan records (its ``min_cosine`` budget and the cosines verified when it was
+    tuned) is not checked again unless asked: ``verify=True`` with `inputs` (as for autoquant's
+    example_input, or a list of them) runs the float model on them first, applies the plan, and
+    compares the outputs (the plan's budget outputs only) against `min_cosine` (default: the plan's
+    budget). A miss raises ValueError and leaves every layer float; meanwhile the float layers are
+    held next to the quantized ones."""
     plan = load_plan(plan)
     root = getattr(model, "_orig_mod", model)
+    if verify:
+        return _apply_verified(model, root, plan, strict, inputs, min_cosine)
+    if inputs is not None or min_cosine is not None:
+        raise ValueError("apply_plan: inputs and min_cosine are for verify=True; pass verify=True to check the plan")
+    _apply(root, plan, strict)
+    if plan.get("accuracy") is not None:
+        object.__setattr__(root, ACCURACY_ATTR, plan["accuracy"])
+    return model
+
+
+def _apply_verified(model: nn.Module, root: nn.Module, plan: dict[str, Any], strict: bool, inputs: Any,
+                    min_cosine: float | None) -> nn.Module:
+    from .accuracy import as_calls, cosine_stats, reference_outputs, run_calls  # noqa: PLC0415
+    from .config import check_min_cosine  # noqa: PLC0415
+
+    record = plan.get("accuracy") or {}
+    if inputs is None:
+        raise ValueError("apply_plan(verify=True) needs inputs=...: the inputs to compare the float and the "
+                         "quantized model on")
+    if min_cosine is None and "min_cosine" not in record:
+        raise ValueError("apply_plan(verify=True): this plan records no min_cosine budget; pass min_cosine=...")
+    budget = check_min_cosine(min_cosine if min_cosine is not None else record["min_cosine"])
+    calls = as_calls(inputs)
+    refs = reference_outputs(root, calls, record.get("outputs"))  # before any layer is swapped
+    replaced = _apply(root, plan, strict, keep=True)
+    try:
+        stats = cosine_stats(refs, run_calls(root, calls))
+    except BaseException:
+        _undo(root, replaced)
+        raise
+    if not stats.meets(budget):
+        _undo(root, replaced)
+        raise ValueError(f"apply_plan(verify=True): on these inputs the planned model reaches cosine mean "
+                         f"{stats.mean:.6f} (min {stats.min:.6f}, worst output {stats.worst!r}), below min_cosine "
+                         f"{budget}: every layer was left float")
+    log.info("apply_plan: verified cosine mean %.6f / min %.6f over %d samples (min_cosine %s)",
+             stats.mean, stats.min, stats.samples, budget)
+    object.__setattr__(root, ACCURACY_ATTR, {**record, "min_cosine": budget})
+    return model
+
+
+def _undo(root: nn.Module, replaced: dict[str, nn.Module]) -> None:
+    for name, linear in replaced.items():
+        replace_module(root, name, linear)
+
+
+def _apply(root: nn.Module, plan: dict[str, Any], strict: bool, keep: bool = False) -> dict[str, nn.Module]:
+    """Swap the planned layers in. `keep`: return the float layers replaced, by name (else each is
+    dropped as it is replaced, so applying never holds the float and the quantized model whole)."""
+    replaced: dict[str, nn.Module] = {}
     warned = False
     for name, entry in plan["layers"].items():
         try:
@@ -207,4 +275,7 @@ def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict, *, strict:
         if new is not None:
             copy_hooks(linear, new)
             replace_module(root, name, new)
-    return model
+            if keep:
+                replaced[name] = linear
+        del linear, new
+    return replaced

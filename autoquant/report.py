@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
+    from .accuracy import BudgetResult
     from .config import CostModel
     from .hardware import Environment
     from .selection import LayerPlan
@@ -66,6 +67,8 @@ class TuningReport:
     # layer -> {M: calls} for row counts the layer met after finalize but was never tuned on
     # (refreshed from the model by autoquant.report / get_report).
     unseen_after: dict[str, dict[int, int]] = field(default_factory=dict)
+    # With min_cosine: the budget, the verified cosines and the protected layers.
+    accuracy: "BudgetResult | None" = None
 
     def _unseen(self, name: str) -> str:
         seen = self.unseen_after.get(name)
@@ -93,14 +96,28 @@ class TuningReport:
                 "speedup": plan.speedup, "sqnr_db": math.nan if plan.sqnr_db is None else plan.sqnr_db,
                 "unseen_after": self._unseen(plan.name),
             }
+            if self.accuracy is not None:
+                row["protected"] = self._protected(plan.name)
             for r in plan.rows:
                 row[r.candidate.name] = round(_us(r.cost.value), 3) if r.cost is not None and r.reason is None else (r.reason or "")
             rows.append(row)
         for name, why in self.skipped.items():
             rows.append({"layer": name, "status": f"skipped: {why}", "shapes": "", "calls": 0,
                          "winner": "float", "kernel": "aten (kept)", "params": "", "cost_us": math.nan,
-                         "baseline_us": math.nan, "speedup": math.nan, "sqnr_db": math.nan, "unseen_after": ""})
-        return pd.DataFrame(rows)
+                         "baseline_us": math.nan, "speedup": math.nan, "sqnr_db": math.nan, "unseen_after": "",
+                         **({"protected": ""} if self.accuracy is not None else {})})
+        frame = pd.DataFrame(rows)
+        if self.accuracy is not None:
+            frame.attrs["accuracy"] = self.accuracy.to_dict()
+        return frame
+
+    def _protected(self, name: str) -> str:
+        """'' for a layer on its fastest candidate; else what it was moved from, and the cost."""
+        assert self.accuracy is not None
+        for p in self.accuracy.protected:
+            if p.name == name:
+                return f"from {p.was} (+{p.extra_us:.1f} us/call)"
+        return ""
 
     def to_long_frame(self) -> pd.DataFrame:
         rows = []
@@ -155,8 +172,11 @@ class TuningReport:
 
     def summary_frame(self) -> pd.DataFrame:
         cols = ["layer", "status", "shapes", "winner", "kernel", "cost_us", "baseline_us", "speedup", "sqnr_db",
-                "unseen_after"]
-        return self.to_frame()[cols]
+                "unseen_after"] + (["protected"] if self.accuracy is not None else [])
+        frame = self.to_frame()
+        out = frame[cols]
+        out.attrs.update(frame.attrs)
+        return out
 
     # ---- one-paragraph summary --------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -174,6 +194,8 @@ class TuningReport:
         mode = self.cost_model.kind + (f"({self.cost_model.c})" if self.cost_model.kind == "interpolate" else "")
         text = (f"autoquant: {len(self.layers)} layers in {self.seconds:.1f}s on {envs}; cost model {mode}; "
                 f"chosen: {chosen or 'nothing'}; cache: {self.cache}")
+        if self.accuracy is not None:
+            text += "\n  " + self.accuracy.summary()
         if self.unseen_after:
             text += (f"\n  note: {len(self.unseen_after)} layer(s) met row counts M after finalize that the warm run "
                      "never showed (column 'unseen_after'); outputs are correct, but the kernels were chosen "

@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .candidates import Candidate, is_baseline
+from .candidates import Candidate, get_family, is_baseline
 from .config import TuneConfig
 from .costmodel import Cost, Option, is_tie, pick, weighted_cost
 from .keys import OpShape
 from .primitives import sqnr
 from .tune import Trial
 
-__all__ = ["CandidateRow", "LayerPlan", "Dispatch", "select_layer", "sqnr_db", "is_baseline"]
+__all__ = ["CandidateRow", "LayerOption", "LayerPlan", "Dispatch", "choice_label", "noise_power", "select_layer",
+           "solve_budget", "sqnr_db", "is_baseline"]
 
 log = logging.getLogger("autoquant")
 
@@ -44,6 +45,39 @@ class Dispatch:
     small: Candidate
     large: Candidate
     threshold: int
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One way to run a layer under a model-level accuracy budget: `choice` (a candidate or an
+    M-dispatch pair), its modeled `cost` in seconds over the layer's recorded calls (per-call cost
+    x calls), and `noise`, the relative error power on the layer's recorded activations
+    (``10 ** (-SQNR / 10)``; 0 for the float baseline)."""
+
+    choice: Candidate | Dispatch
+    cost: float
+    noise: float
+    sqnr_db: float
+
+
+def noise_power(sqnr: float) -> float:
+    """Relative error power of an SQNR in dB: 0 for inf (exact), 1 for NaN (unknown: assume the worst).
+
+    >>> noise_power(20.0)
+    0.01
+    """
+    if math.isnan(sqnr):
+        return 1.0
+    return 0.0 if math.isinf(sqnr) and sqnr > 0 else 10.0 ** (-sqnr / 10.0)
+
+
+def choice_label(choice: Candidate | Dispatch | None) -> str:
+    """A short readable name: 'int8_dynamic(kernel=fbgemm)', 'M<64: a | b', or 'float'."""
+    if choice is None:
+        return "float"
+    if isinstance(choice, Dispatch):
+        return f"M<{choice.threshold}: {choice.small.name} | {choice.large.name}"
+    return choice.name
 
 
 @dataclass
@@ -71,6 +105,9 @@ class LayerPlan:
     baseline_cost: Cost | None = None
     sqnr_db: float | None = None
     rows: list[CandidateRow] = field(default_factory=list)
+    # Under a model-level accuracy budget (TuneConfig.min_cosine): the layer's options, cheapest
+    # first, each strictly more accurate than every cheaper one; options[0] is the unconstrained pick.
+    options: list[LayerOption] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -205,6 +242,8 @@ def select_layer(
             plan.dispatch, plan.cost = found
             plan.winner = None
             plan.sqnr_db = min(accuracy(found[0].small)[0], accuracy(found[0].large)[0])
+    if config.min_cosine is not None and (plan.winner is not None or plan.dispatch is not None):
+        plan.options = _options(plan, costs, accuracy, config)
     for row in plan.rows:
         if row.candidate in accuracy.cache:
             row.sqnr_db, row.nbytes, err = accuracy.cache[row.candidate]
@@ -213,3 +252,103 @@ def select_layer(
             elif row.reason is None and not _passes(accuracy.cache[row.candidate], row.candidate, config.min_sqnr):
                 row.reason = f"SQNR {row.sqnr_db:.1f} dB below min_sqnr {config.min_sqnr} dB"
     return plan
+
+
+def _options(plan: LayerPlan, costs: Mapping[Candidate, Cost], accuracy: _Accuracy, config: TuneConfig) -> list[LayerOption]:
+    """The layer's accuracy/cost frontier, for the model-level budget: the unconstrained pick, then
+    every candidate passing ``min_sqnr`` that costs more and is strictly more accurate than all
+    cheaper ones, up to the first exact one (the float baseline, or a lossless float kernel such
+    as prepacked oneDNN: nothing dearer can be more accurate), and then the float baseline, which
+    ends every frontier. SQNR is evaluated only for the lossy candidates on the way."""
+    calls = sum(plan.ops.values())
+    first: Candidate | Dispatch | None = plan.dispatch or plan.winner
+    if first is None or plan.cost is None:
+        return []  # nothing chosen: the layer stays as it is, outside the budget's choices
+    sqnr = math.nan if plan.sqnr_db is None else plan.sqnr_db
+    out = [LayerOption(first, plan.cost.value * calls, noise_power(sqnr), sqnr)]
+    if isinstance(first, Candidate) and is_baseline(first):
+        return out
+    floor = plan.cost.value
+    for cand in sorted(costs, key=lambda c: (costs[c].value, c.order, c.params_json())):
+        if costs[cand].value < floor or cand == first:
+            continue
+        exact = is_baseline(cand) or bool(cand.lossless)  # nothing rounded: no need to measure it
+        acc = (math.inf, 0, None) if exact else accuracy(cand)
+        if not _passes(acc, cand, config.min_sqnr):
+            continue
+        noise = 0.0 if exact else noise_power(acc[0])
+        if noise < out[-1].noise or is_baseline(cand):
+            out.append(LayerOption(cand, costs[cand].value * calls, noise, acc[0]))
+        if is_baseline(cand):
+            return out
+        if exact:
+            break
+    # The float baseline ends every frontier (the fallback); untimed, it is priced as the dearest option.
+    base = next((c for c in costs if is_baseline(c)), None) or get_family("float")(kernel="aten")
+    cost = costs[base].value * calls if base in costs else max(o.cost for o in out)
+    out.append(LayerOption(base, max(cost, out[-1].cost), 0.0, math.inf))
+    return out
+
+
+def solve_budget(
+    options: Mapping[str, list[LayerOption]], sensitivity: Mapping[str, Mapping[str, float]],
+    allowed: Mapping[str, float],
+) -> dict[str, int]:
+    """Per layer, the index of its option that keeps every output's modeled drop within `allowed`
+    at the least total cost (a multiple-choice knapsack, solved greedily).
+
+    The model: output t's drop in cosine is ``sum over layers of sensitivity[layer][t] * noise``
+    (independent small errors add in power). Starting from the cheapest options, the upgrade with
+    the most drop removed per second added, on the output furthest over its allowance, is taken
+    until every output fits; then upgrades that are no longer needed are undone, largest saving
+    first. Where no upgrade is left, the most accurate assignment found is returned (the caller
+    verifies it). Deterministic: ties go to the layer name.
+
+    >>> from autoquant.candidates import get_family
+    >>> fast, exact = get_family("int8_dynamic")(kernel="fbgemm"), get_family("float")(kernel="aten")
+    >>> opts = {n: [LayerOption(fast, 1.0, 0.01, 20.0), LayerOption(exact, 3.0, 0.0, math.inf)] for n in "ab"}
+    >>> solve_budget(opts, {"a": {"y": 1.0}, "b": {"y": 0.1}}, {"y": 0.005})
+    {'a': 1, 'b': 0}
+    """
+    pick = {name: 0 for name in options}
+    tensors = sorted(allowed)
+    sens = {n: {t: sensitivity.get(n, {}).get(t, 0.0) for t in tensors} for n in options}
+    total = {t: sum(sens[n][t] * options[n][0].noise for n in options) for t in tensors}
+
+    def moved(name: str, j: int) -> dict[str, float]:
+        """Every output's total drop with layer `name` on option j instead of its current one."""
+        d = options[name][j].noise - options[name][pick[name]].noise
+        return {t: total[t] + sens[name][t] * d for t in tensors}
+
+    def fits(drops: Mapping[str, float]) -> bool:
+        return all(drops[t] <= allowed[t] for t in tensors)
+
+    while not fits(total):
+        worst = max(tensors, key=lambda t: (total[t] - allowed[t], t))
+        best: tuple[float, str, int] | None = None
+        for name in sorted(options):
+            s = sens[name][worst]
+            if s <= 0:
+                continue
+            cur = options[name][pick[name]]
+            for j in range(pick[name] + 1, len(options[name])):
+                gain = s * (cur.noise - options[name][j].noise)
+                extra = max(options[name][j].cost - cur.cost, 1e-12)
+                if gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, name, j)
+        if best is None:
+            return pick
+        total = moved(best[1], best[2])
+        pick[best[1]] = best[2]
+    # Undo what the greedy order over-bought: the largest saving that still fits, repeatedly.
+    while True:
+        undo: tuple[float, str, int] | None = None
+        for name in sorted(options):
+            for j in range(pick[name]):
+                saving = options[name][pick[name]].cost - options[name][j].cost
+                if saving > 0 and (undo is None or saving > undo[0]) and fits(moved(name, j)):
+                    undo = (saving, name, j)
+        if undo is None:
+            return pick
+        total = moved(undo[1], undo[2])
+        pick[undo[1]] = undo[2]

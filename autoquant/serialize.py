@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .candidates import QuantizedLinear
 from .finalize import copy_hooks, make_layer, replace_module
-from .plan import choice_of, layer_meta, load_plan, plan_of, shape_mismatch
+from .plan import ACCURACY_ATTR, choice_of, layer_meta, load_plan, plan_of, shape_mismatch
 
 __all__ = ["save", "load", "WEIGHTS_FILE", "PLAN_FILE"]
 
@@ -187,4 +187,6 @@ def load(model: nn.Module, directory: str | os.PathLike[str], *, device: torch.d
     for mod in root.modules():
         if isinstance(mod, QuantizedLinear):
             mod.refresh_runtime()
+    if plan.get("accuracy") is not None:
+        object.__setattr__(root, ACCURACY_ATTR, plan["accuracy"])  # saved again, it stays recorded
     return model
