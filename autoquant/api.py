@@ -176,8 +176,10 @@ def autoquant(
       or a SQLite file in the user cache dir (see ``autoquant cache path``).
     - `timer` / `bench`: the timing harness and its settings (tests pass a fake timer).
     - `on_miss`: what to do for measurements the cache lacks: "bench" (time them), "error"
-      (raise CacheMissError before timing anything: strict deployments on pre-tuned SKUs) or
-      "baseline" (time nothing; layers without cached figures stay float).
+      (raise CacheMissError before timing anything: strict deployments on pre-tuned SKUs),
+      "baseline" (time nothing; layers without cached figures stay float) or "nearest" (time
+      nothing; use the figures of the same layer shape at the nearest M the cache holds, e.g. a
+      serving batch size the profile did not record; the report says which M).
     - `op_budget_s`: about how long timing one unique op may take (samples adapt to it; None: full
       sample counts). `hopeless_factor`: candidates predicted (from probes at fewer rows) or first
       measured this many times slower than the best are not timed further (0: time everything).

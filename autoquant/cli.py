@@ -5,7 +5,8 @@
     autoquant pretune prof.json --cache postgresql+psycopg://... --device cuda:0
     autoquant report --model pkg.mod:factory --input 'int64[1,128]<32000' --plot r.png
     autoquant plan show plan.json
-    autoquant cache path | ls | stats | export | import | merge | prune
+    autoquant worker --cache postgresql+psycopg://... --until-idle
+    autoquant cache path | ls | stats | export | import | merge | prune | coverage
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     model, inputs = _model_and_inputs(args)
     prof = record_shapes(model, *inputs, name=args.name)
+    if args.m:
+        from .profile import parse_m_buckets  # noqa: PLC0415
+
+        prof = prof.with_m(parse_m_buckets(args.m))
     if args.out:
         prof.save(args.out)
         print(f"wrote profile {prof.name!r} ({len(prof.ops)} ops) to {args.out}")
@@ -111,13 +116,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _load_profile_arg(text: str, cache: str | None) -> Any:
     import os  # noqa: PLC0415
 
-    from .profile import ShapeProfile, load_profile  # noqa: PLC0415
+    from .profile import load_profile  # noqa: PLC0415
 
     if os.path.exists(text):
         return load_profile(text)
     with _open_sql(cache) as store:
         stored = store.load_profile(text)  # KeyError names the stored profiles
-    return ShapeProfile(stored.name, stored.model_fingerprint, tuple(sorted(stored.counts().items())))
+    return stored
 
 
 def _cmd_pretune(args: argparse.Namespace) -> int:
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--name", default="profile", help="profile name (default 'profile')")
     prof.add_argument("--out", default=None, help="write the profile JSON here")
     prof.add_argument("--cache", default=None, help="also store it in this tuning cache under --name")
+    prof.add_argument("--m", default=None,
+                      help="also every layer at these M (batch sizes / prompt lengths a deployment will see): "
+                           "'1,2,4,8' or a range '1-128' (its powers of two)")
     prof.set_defaults(func=_cmd_profile)
 
     pre = sub.add_parser("pretune", help="time every candidate for a profile's ops into a cache",
@@ -242,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the float model's, on the inputs, stays at or above it (verified; the report shows it)")
     rep.add_argument("--budget-output", action="append", default=None,
                      help="an output tensor --min-cosine applies to (e.g. logits); repeat for several; default all")
-    rep.add_argument("--on-miss", default="bench", choices=["bench", "error", "baseline"])
+    rep.add_argument("--on-miss", default="bench", choices=["bench", "error", "baseline", "nearest"])
     rep.add_argument("--format", default="table", choices=["table", "markdown", "html"])
     rep.add_argument("--plot", default=None, help="write a PNG of per-layer speedups and candidate times")
     rep.add_argument("--save-plan", default=None, help="write the resulting plan JSON here")
@@ -256,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Print which scheme and kernel each layer of a plan runs.")
     show.add_argument("plan", help="plan JSON written by autoquant.save_plan or 'autoquant report --save-plan'")
     show.set_defaults(func=_cmd_plan_show)
+
+    from .worker import build_parser as worker_parser  # noqa: PLC0415
+    from .worker import run_from_args as run_worker  # noqa: PLC0415
+
+    work = sub.add_parser("worker", help="pre-tune every profile stored in a team cache for this machine",
+                          description="Claim, time and store the units of work (op x candidates) of every shape "
+                                      "profile in the cache that this machine's environment lacks; N workers of "
+                                      "one SKU split the work and time nothing twice (see autoquant/worker.py).")
+    worker_parser(work)
+    work.set_defaults(func=lambda args: run_worker(args))
 
     from .cache_db.cli import add_cache_parser  # noqa: PLC0415 - the cache verbs live with the cache
 

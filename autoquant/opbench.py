@@ -69,6 +69,7 @@ class Trial:
     first_call_s: float | None = None
     skipped: bool = False
     set_aside: bool = False  # its first full-size call ruled it out: a one-sample figure
+    from_m: int | None = None  # on_miss="nearest": its figures are the cache's at this M
 
     @property
     def ok(self) -> bool:

@@ -41,9 +41,19 @@ def _shapes(ops: dict) -> str:
 def _status(trial: Any) -> str:
     if trial.skipped or trial.reason:
         return trial.reason or "skipped"
+    if trial.from_m is not None:
+        return f"cached at M={trial.from_m} (nearest M; on_miss='nearest')"
     if trial.cached:
         return "cached"
     return "set aside: one full-size call" if trial.set_aside else "measured"
+
+
+def _nearest_note(plan: Any) -> str:
+    """' (planned from the nearest measured M: M=8 from M=16)' where on_miss="nearest" lent figures."""
+    pairs = sorted({(op.m, t.from_m) for r in plan.rows for op, t in r.per_op.items() if t.from_m is not None})
+    if not pairs:
+        return ""
+    return " (planned from the nearest measured M: " + ", ".join(f"M={m} from M={f}" for m, f in pairs) + ")"
 
 
 def _weighted_prediction(ops: dict, per_op: dict) -> float:
@@ -89,7 +99,7 @@ class TuningReport:
         rows = []
         for plan in self.layers:
             row: dict[str, Any] = {
-                "layer": plan.name, "status": plan.status, "shapes": _shapes(plan.ops),
+                "layer": plan.name, "status": plan.status + _nearest_note(plan), "shapes": _shapes(plan.ops),
                 "calls": sum(plan.ops.values()), **self._winner_fields(plan),
                 "cost_us": _us(plan.cost.value if plan.cost else None),
                 "baseline_us": _us(plan.baseline_cost.value if plan.baseline_cost else None),

@@ -44,6 +44,11 @@ class Store(Protocol):
         """Where the data lives, for logs and the report ('memory', a file path, a URL)."""
         ...
 
+    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
+        """Every M with a measurement of the layer shape (K, N, bias, dtype) in `env_hash`, any
+        candidate (for ``on_miss="nearest"``)."""
+        ...
+
 
 class MemoryStore:
     """A process-local store: a dict behind a lock. Nothing is written anywhere."""
@@ -62,6 +67,11 @@ class MemoryStore:
 
     def describe(self) -> str:
         return "memory"
+
+    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
+        with self._lock:
+            return {key.op.m for key in self._rows if key.env_hash == env_hash and
+                    (key.op.k, key.op.n, key.op.bias, key.op.dtype) == (k, n, bias, dtype)}
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -21,6 +21,7 @@ reason and never stops the others.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,7 +52,7 @@ __all__ = [
     "tune_ops",
 ]
 
-ON_MISS = ("bench", "error", "baseline")
+ON_MISS = ("bench", "error", "baseline", "nearest")
 
 log = logging.getLogger("autoquant")
 # A set-aside candidate whose first full-size call took at most this long gets a second call
@@ -104,6 +105,15 @@ class SafeStore:
                 self.inner.put_many(env, items)
             except Exception as exc:  # any store fault: degrade, never abort tuning
                 self._fail("write", exc)
+
+    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
+        found = self.memory.measured_ms(env_hash, k, n, bias, dtype)
+        if self.failure is None:
+            try:
+                found |= self.inner.measured_ms(env_hash, k, n, bias, dtype)
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("lookup", exc)
+        return found
 
     def describe(self) -> str:
         return self.inner.describe() + (" (failed; in memory)" if self.failure else "")
@@ -228,7 +238,8 @@ def tune_ops(
 
     `on_miss`: "bench" times what the cache lacks; "error" raises CacheMissError naming it, before
     timing anything; "baseline" times nothing and leaves missing candidates out (a layer with
-    nothing cached stays float)."""
+    nothing cached stays float); "nearest" times nothing and uses the figures of the same layer
+    shape at the nearest M the cache holds (``Trial.from_m`` says which; the report shows it)."""
     if on_miss not in ON_MISS:
         raise ValueError(f"on_miss={on_miss!r}: use one of {ON_MISS}")
     env = env or environment(device)
@@ -265,6 +276,9 @@ def tune_ops(
             for c in cs:
                 results[op][c].reason = "not in the tuning cache (on_miss='baseline')"
         todo = {}
+    if todo and on_miss == "nearest":
+        _from_nearest_m(todo, results, store, env_hash, config)
+        todo = {}
     if todo:
         return_freed_memory()  # the warm run's and the cache lookup's leftovers, before any build
     bar = _progress(todo, config, device, progress)
@@ -282,7 +296,7 @@ def tune_ops(
     bar.close()
     for op, trials in results.items():
         for cand, trial in trials.items():
-            if trial.reason is not None:
+            if trial.reason is not None or trial.from_m is not None:
                 continue
             parts_needed = timed_parts(config.cost_model, cand.dynamic_activation)
             keys = [bench_key(env_hash, cand, op, p) for p in parts_needed]
@@ -293,6 +307,34 @@ def tune_ops(
             else:
                 trial.reason = trial.reason or "no measurement (timing failed)"
     return results
+
+
+def _from_nearest_m(todo: Mapping[OpShape, Sequence[Candidate]], results: dict[OpShape, dict[Candidate, Trial]],
+                    store: Store, env_hash: str, config: TuneConfig) -> None:
+    """on_miss="nearest": give each missing (op, candidate) the figures measured for the same
+    layer shape at the nearest M the cache has (nearest on a log scale, the larger on a tie),
+    recorded in ``Trial.from_m``; where no M has them, the candidate is out with a reason. Times
+    nothing."""
+    for op, cands in todo.items():
+        ms = sorted(store.measured_ms(env_hash, op.k, op.n, op.bias, op.dtype) - {op.m},
+                    key=lambda m: (abs(math.log(m / op.m)), -m)) if op.m > 0 else []
+        parts = {c: timed_parts(config.cost_model, c.dynamic_activation) for c in cands}
+        left = list(cands)
+        for m in ms[:8]:
+            near = OpShape(m, op.k, op.n, op.bias, op.dtype)
+            keys = {c: [bench_key(env_hash, c, near, p) for p in parts[c]] for c in left}
+            got = store.get_many([k for ks in keys.values() for k in ks])
+            for c in list(left):
+                if all(k in got for k in keys[c]):
+                    trial = results[op][c]
+                    trial.parts = {p: got[k] for p, k in zip(parts[c], keys[c])}
+                    trial.cost = op_cost(config.cost_model, c.dynamic_activation, trial.parts)
+                    trial.cached, trial.from_m = True, m
+                    left.remove(c)
+            if not left:
+                break
+        for c in left:
+            results[op][c].reason = "not in the tuning cache at this or any other M (on_miss='nearest')"
 
 
 def _fault_message(fault: DeviceFault, op: OpShape, index: int, total: int, store: Store) -> str:

@@ -342,7 +342,8 @@ def run_from_args(args: argparse.Namespace, timer: Timer | None = None,
                   on_summary: Callable[[WorkerSummary], None] | None = None) -> int:
     from .cache_db import SQLStore  # noqa: PLC0415
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)  # what the worker did, whatever the root logger's level
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     with SQLStore(args.cache) as store:
         worker = Worker(store, device=args.device, candidates=cands, timer=timer,

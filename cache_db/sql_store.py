@@ -161,6 +161,12 @@ class SQLStore:
             return {}
         return self._read(lambda conn: self.fetch_existing(conn, keys), snapshot=False)
 
+    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
+        """Every M with a measurement of the shape (K, N, bias, dtype) in `env_hash` (any candidate)."""
+        stmt = (select(M.c.m).distinct().join(E, E.c.id == M.c.env_id)
+                .where(E.c.hash == env_hash, M.c.k == k, M.c.n == n, M.c.bias == bias, M.c.dtype == dtype))
+        return {int(r[0]) for r in self._read(lambda conn: conn.execute(stmt).all(), snapshot=False)}
+
     def ensure_environments(self, conn: Connection, envs: Iterable[Environment],
                             hashes: Iterable[str]) -> dict[str, int]:
         """Insert missing environment rows; return {hash: id} for `hashes` that exist."""

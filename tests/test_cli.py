@@ -22,7 +22,8 @@ def aq(*args, env_extra=None, check=True, cwd=None):
 
 
 @pytest.mark.parametrize("verb", [[], ["demo"], ["profile"], ["pretune"], ["report"], ["plan"], ["plan", "show"],
-                                  ["cache"], ["cache", "export"], ["cache", "import"], ["cache", "prune"]],
+                                  ["cache"], ["cache", "export"], ["cache", "import"], ["cache", "prune"],
+                                  ["cache", "coverage"], ["worker"]],
                          ids=lambda v: "-".join(v) or "top")
 def test_help_everywhere(verb, capsys):
     from autoquant.cli import main
@@ -87,3 +88,22 @@ def test_bad_input_gives_clear_errors(tmp_path):
     assert spec.returncode == 1 and "is not DTYPE[d0,d1,...]" in spec.stderr
     missing = aq("plan", "show", str(tmp_path / "none.json"), check=False)
     assert missing.returncode == 1 and "none.json" in missing.stderr
+
+
+def test_profile_with_m_buckets_then_a_worker_fills_the_cache(tmp_path):
+    """Issue 17 from the command line: a profile stored with M buckets, one worker until idle, the
+    coverage at 100%, and a deployment at a bucketed M (not the recorded one) that times nothing."""
+    cache = str(tmp_path / "team.sqlite")
+    out = aq("profile", "--model", MODEL, "--input", "float32[4,128]", "--name", "demo", "--m", "1-8",
+             "--cache", cache)
+    assert "stored profile 'demo'" in out.stdout
+    work = aq("worker", "--cache", cache, "--device", "cpu", "--candidates", "int8_dynamic", "--until-idle",
+              "--poll", "0.1")
+    assert "12 units done" in work.stdout, work.stdout + work.stderr  # 3 layer shapes x M in {1, 2, 4, 8}
+    cov = aq("cache", "coverage", "--cache", cache, "--candidates", "int8_dynamic")
+    assert "12/12 100%" in cov.stdout, cov.stdout
+    again = aq("worker", "--cache", cache, "--device", "cpu", "--candidates", "int8_dynamic", "--until-idle")
+    assert "0 units done" in again.stdout
+    rep = aq("report", "--model", MODEL, "--input", "float32[2,128]", "--cache", cache, "--on-miss", "error",
+             "--candidates", "int8_dynamic", "--no-progress")
+    assert rep.returncode == 0

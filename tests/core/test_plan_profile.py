@@ -153,3 +153,26 @@ def test_m_buckets_cover_the_batch_sizes_a_deployment_sees():
     for bad in ("0", "8-2", "x", ""):
         with pytest.raises(ValueError, match="M buckets"):
             parse_m_buckets(bad)
+
+
+def test_on_miss_nearest_plans_from_the_nearest_measured_m(tmp_path):
+    """Pretuned at M=16 only: a deployment at M=8 with on_miss="nearest" times nothing, plans from
+    the M=16 figures (the winner there), and the report says so; on a SQL cache too."""
+    from autoquant.cache_db import SQLStore
+
+    for store in (MemoryStore(), SQLStore(tmp_path / "c.sqlite")):
+        prof = record_shapes(mlp(), torch.randn(16, 64))
+        pretune(prof, store, timer=FakeTimer(cheap_int8), progress=False)
+        assert store.measured_ms(aq.hardware.environment(torch.device("cpu")).hash, 64, 96, True,
+                                 "float32") == {16}
+        deploy = CountingTimer(FakeTimer(cheap_int8))
+        model = mlp()
+        autoquant(model, torch.randn(8, 64), cache=store, on_miss="nearest", progress=False, timer=deploy)
+        assert deploy.calls == 0 and deploy.quick_calls == 0
+        frame = aq.report(model)
+        assert set(frame["winner"]) == {"int8_dynamic"}
+        statuses = set(aq.get_report(model).to_frame()["status"])
+        assert statuses == {"tuned (planned from the nearest measured M: M=8 from M=16)"}, statuses
+        ops = aq.get_report(model).to_ops_frame()
+        assert set(ops["status"]) <= {"cached at M=16 (nearest M; on_miss='nearest')"} | {
+            s for s in ops["status"] if not s.startswith(("cached", "measured"))}
