@@ -102,7 +102,14 @@ def _shallow(obj: Any) -> Any:
 @dataclass
 class RecordedCalls:
     """The first `max_calls` calls of the model (inputs by reference, float outputs as CPU copies),
-    collected by a forward hook on the model while it records."""
+    collected by a forward pre-hook and hook on the model while it records.
+
+    A call that continues a key/value cache (a decode step of ``generate``: a cache object, any
+    argument with ``get_seq_length()`` such as transformers' ``DynamicCache``, holding earlier
+    tokens) is not kept: the calls after it change that object in place, so it could not be
+    replayed. A call that starts one (the prompt) is kept without it, so the replay builds a fresh
+    cache and computes the same outputs.
+    """
 
     max_calls: int = 16
     outputs: tuple[str, ...] | None = None
@@ -110,16 +117,43 @@ class RecordedCalls:
     refs: list[Outputs] = field(default_factory=list)
     paths: set[str] = field(default_factory=set)
     seen: int = 0
+    _pending: tuple[tuple, dict] | None = None
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pending = None
+        if len(self.calls) >= self.max_calls:
+            return
+        caches = [k for k, v in kwargs.items() if callable(getattr(v, "get_seq_length", None))]
+        if any(callable(getattr(a, "get_seq_length", None)) for a in args):
+            return  # a cache passed positionally: not replayable as recorded
+        for k in caches:
+            if int(kwargs[k].get_seq_length()) > 0:
+                return  # a decode step: it continues a cache that later calls change in place
+        kwargs = {k: v for k, v in kwargs.items() if k not in caches}
+        self._pending = (_shallow(args), _shallow(kwargs))
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.seen += 1
-        if len(self.calls) >= self.max_calls:
+        pending, self._pending = self._pending, None
+        if pending is None or len(self.calls) >= self.max_calls:
             return
         found = floating_outputs(output)
         self.paths.update(p for p, _ in found)
-        self.calls.append((_shallow(args), _shallow(kwargs)))
+        self.calls.append(pending)
         self.refs.append([(p, t.detach().to("cpu", copy=True)) for p, t in found
                           if self.outputs is None or p in self.outputs])
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Record one call made outside the hooks' view: a wrapper that finalizes inside the call
+        (the hook would only fire after it), or a direct ``model.forward(...)`` (no hook fires)."""
+        if self._pending is None:
+            self.pre_hook(module, args, kwargs)
+        self.hook(module, args, kwargs, output)
+
+    def register(self, module: nn.Module) -> "_Handles":
+        """Attach both hooks to `module`; the returned handle's remove() takes both off."""
+        return _Handles((module.register_forward_pre_hook(self.pre_hook, with_kwargs=True),
+                         module.register_forward_hook(self.hook, with_kwargs=True)))
 
     def check(self) -> None:
         """Raise a ValueError naming the problem where the recorded outputs cannot carry a budget."""
@@ -144,6 +178,15 @@ class RecordedCalls:
                         f"the float model's output {path!r} holds NaN or Inf on recorded call {i}, so no cosine "
                         "can be measured against it: record finite inputs (check the model in float first), "
                         "or leave min_cosine unset")
+
+
+@dataclass(frozen=True)
+class _Handles:
+    handles: tuple[Any, ...]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @dataclass(frozen=True)

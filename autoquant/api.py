@@ -229,16 +229,35 @@ def autoquant(
                        progress, on_miss)
     if config.min_cosine is not None:
         session.recorded = RecordedCalls(max_calls=config.verify_calls, outputs=outputs)
-        session.capture = root.register_forward_hook(session.recorded.hook, with_kwargs=True)
+        session.capture = session.recorded.register(root)
     object.__setattr__(root, _SESSION_ATTR, session)
+    hf = _hf(root)
     if example_input is not None:
-        with torch.no_grad():
-            _call(root, example_input)
+        # A transformers model given token ids: a short greedy generate, so decode shapes are tuned too.
+        if hf is None or not hf.generate_example(root, example_input):
+            with torch.no_grad():
+                _call(root, example_input)
         if not manual:
             finalize(model)
     elif not manual:
-        session.hooks.append(model.register_forward_pre_hook(_first_call_hook, with_kwargs=True))
+        if hf is not None:
+            hf.arm(root)  # the first generate() recorded whole; or the first forward (model.forward(...) too)
+        else:
+            session.hooks.append(model.register_forward_pre_hook(_first_call_hook, with_kwargs=True))
     return model
+
+
+def _hf(root: nn.Module) -> Any:
+    """autoquant.hf for a transformers model (it has `config` and `can_generate`), else None."""
+    if not (hasattr(root, "config") and callable(getattr(root, "can_generate", None))):
+        return None
+    try:
+        from . import hf  # noqa: PLC0415 - transformers is importable: the model is one of its classes
+    except ImportError as exc:  # a transformers without the quantizer registry: plain forwards then
+        log.warning("autoquant: %s; tuning this transformers model on plain forwards (no generate-aware "
+                    "recording, save_pretrained writes the float model)", exc)
+        return None
+    return hf
 
 
 def _parse_outputs(names: Sequence[str] | None, min_cosine: float | None) -> tuple[str, ...] | None:
@@ -373,6 +392,9 @@ def finalize(model: nn.Module) -> nn.Module:
     )
     object.__setattr__(root, _REPORT_ATTR, rep)
     rep.log_summary()
+    hf = _hf(root)
+    if hf is not None:
+        hf.attach(root)  # save_pretrained now writes the quantized model
     return model
 
 

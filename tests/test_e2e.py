@@ -82,12 +82,37 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def test_token_ids_as_example_input_record_a_generate():
+    """autoquant(model, token_ids) on a transformers model runs a short greedy generate, so the
+    decode shapes (M=1) are tuned as well as the prompt's; save_pretrained is then attached."""
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 12))
+    autoquant(model, ids, cache=None, progress=False, bench=FAST)
+    shapes = aq.get_report(model).to_frame().set_index("layer")["shapes"]
+    q = shapes[[name for name in shapes.index if name.endswith("q_proj")][0]]
+    assert q.startswith("1x") and "12x" in q, q  # decode and prompt rows
+    assert type(model.hf_quantizer).__name__ == "AutoQuantHfQuantizer"
+
+
+def test_min_cosine_with_a_recorded_generate():
+    """min_cosine on a generate: the decode steps (which continue a KV cache changed in place) are
+    not replayed, the prompt call is (with a fresh cache), so the float model reproduces itself
+    exactly and the budget is verified on real outputs instead of keeping every layer float."""
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 12))
+    autoquant(model, ids, cache=None, progress=False, bench=FAST, min_cosine=0.98, budget_outputs=["logits"])
+    acc = aq.get_report(model).accuracy
+    assert acc is not None and acc.met and acc.samples >= 1, acc
+    assert acc.cosine_mean >= 0.98 and acc.unconstrained_mean is not None
+    assert assert_known_winners(model) >= 1  # not all float
+
+
 def test_tiny_llama_generate_after_finalize():
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         ref_logits = model(ids).logits
-    autoquant(model, ids, cache=None, progress=False, bench=FAST)
+    autoquant(model, (ids,), cache=None, progress=False, bench=FAST)  # a tuple: one forward, M=12
     df = aq.report(model)
     assert len(df) == 7 + 1  # q k v o gate up down, and lm_head
     assert assert_known_winners(model) == 5  # q, o, gate, up, down (k, v and lm_head are 256 wide)

@@ -10,7 +10,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_team_cache.ipynb", "03_kernels.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_team_cache.ipynb", "03_kernels.ipynb",
+                                          "04_transformers.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -566,7 +566,8 @@ def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
                    align: int) -> Callable[[Tensor], Tensor] | None:
     """``torch._weight_int8pack_mm`` with the scales cast to `dtype` once (`scales`, the layer's
     ``ScalesByDtype``: recast when ``w_scale`` changes); an x whose data is not `align`-byte
-    aligned is copied first (the CPU kernel's vector loads need it)."""
+    aligned is copied first, and a misaligned weight is replaced once by an aligned copy (the CPU
+    kernel's vector loads need both; a misaligned weight crashed the process)."""
     w, sc, b = buffers["w_int8"], buffers["w_scale"], buffers.get("bias")
     if dtype not in scales.casts or (b is not None and b.dtype != dtype) or not _on_cpu(w, sc, b):
         return None
@@ -583,7 +584,10 @@ def eager_int8pack(buffers: dict[str, Tensor], scales: Any, dtype: torch.dtype,
         stamp = scales.stamp
         if sc is not scales.source or (stamp is not None and stamp != (sc._version, sc.data_ptr())):
             scales.refill(sc)
-        y = op(x, buffers["w_int8"], scales.casts[dtype])
+        w = buffers["w_int8"]
+        if w.data_ptr() % align:  # a zero-copy load (safetensors, mmap) can hand a misaligned weight:
+            w = buffers["w_int8"] = w.clone()  # aligned once, in place of the layer's buffer
+        y = op(x, w, scales.casts[dtype])
         bias = buffers["bias"]
         if bias is not None:
             y = y.add_(bias)

@@ -161,6 +161,8 @@ class Int8WeightOnlyInt8pack(Int8WeightOnly):
             s = runtime.get(scale, x.dtype)
             if x.data_ptr() % CPU_INT8PACK_X_ALIGN:
                 x = x.clone()  # a fresh allocation is 64-byte aligned (the CPU kernel's loads need 32)
+            if q.data_ptr() % CPU_INT8PACK_X_ALIGN:
+                q = q.clone()  # so does the weight's: a zero-copy load can hand a misaligned one
         return add_bias(torch._weight_int8pack_mm(x, q, s), bias)
 
     def eager(self, buffers: dict[str, Tensor], runtime: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
