@@ -100,11 +100,13 @@ def test_min_cosine_with_a_recorded_generate():
     exactly and the budget is verified on real outputs instead of keeping every layer float."""
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 12))
-    autoquant(model, ids, cache=None, progress=False, bench=FAST, min_cosine=0.98, budget_outputs=["logits"])
+    # A fake timer that makes fbgemm int8 the fastest everywhere: the point is the budget, not timing.
+    cheap = aq.FakeTimer(lambda key: 1e-6 if '"fbgemm"' in key.params and key.candidate == "int8_dynamic" else 1e-4)
+    autoquant(model, ids, cache=None, progress=False, timer=cheap, min_cosine=0.98, budget_outputs=["logits"])
     acc = aq.get_report(model).accuracy
     assert acc is not None and acc.met and acc.samples >= 1, acc
     assert acc.cosine_mean >= 0.98 and acc.unconstrained_mean is not None
-    assert assert_known_winners(model) >= 1  # not all float
+    assert set(aq.report(model)["winner"]) & {"int8_dynamic"}, "every layer kept float"
 
 
 def test_tiny_llama_generate_after_finalize():
