@@ -124,6 +124,9 @@ CUDA_RULES = [
     (Int8Dynamic("int_mm"), op(m=16), "M > 16"),
     (Int8Dynamic("int_mm"), op(m=33, k=100), "multiples of 8"),
     (Int8Dynamic("int_mm"), op(m=33, n=50), "multiples of 8"),
+    # At small M too: the hard rule before the M > 16 speed decline, whose forced run zero-pads M
+    # but cannot fix N (the H200 run: _int_mm raised on N=50 where the reason said "not worth timing").
+    (Int8Dynamic("int_mm"), op(m=1, n=50), "multiples of 8"),
     (Fp8Dynamic("scaled_mm"), op(k=96 + 8), "multiples of 16"),
     (Fp8Dynamic("scaled_mm"), op(n=50, dtype="bfloat16"), "multiples of 16"),
     (Int4WeightOnly("tinygemm", 64), op(dtype="float32"), "bfloat16"),
