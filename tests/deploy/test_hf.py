@@ -432,3 +432,39 @@ def test_every_cpu_kernel_round_trips_bit_exact(tmp_path, dtype, cand):
     assert loaded.model.layers[0].mlp.up_proj.candidate == cand
     with torch.no_grad():
         assert torch.equal(loaded(ids(9)).logits, model(ids(9)).logits)
+
+
+def test_device_map_cpu_tunes_saves_and_reloads(tmp_path):
+    """from_pretrained(..., device_map="cpu") (accelerate's loading path) with AutoQuantConfig:
+    tuned on the first generate, saved, and reloaded with device_map="cpu" bit-exact."""
+    require_module("accelerate")
+    path = tiny_llama_dir(tmp_path, torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config(),
+                                                              device_map="cpu").eval()
+    greedy(model, ids())
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+    x = ids(9)
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path / "saved")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, want)
+
+
+def test_compiled_forward_with_a_static_cache_generates_the_same_tokens(tmp_path):
+    """torch.compile(model.forward) on a reloaded quantized model, generating with transformers'
+    static KV cache: the same greedy tokens as eager."""
+    path, model = tuned_llama(tmp_path, torch.float32)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = load(str(tmp_path / "saved"))
+    x = ids(10)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+              cache_implementation="static")
+    eager = loaded.generate(x, **kw)
+    loaded.forward = torch.compile(loaded.forward)
+    try:
+        compiled = loaded.generate(x, **kw)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
