@@ -226,7 +226,7 @@ class Worker:
                 try:
                     units = pending_units(self.store, self.env.hash, self.device, self.candidates)
                     took = 0
-                    for unit in self._my_order(units):
+                    for unit in units:
                         if self._stop:
                             break
                         if self._work_on(unit, summary):
@@ -253,14 +253,6 @@ class Worker:
             summary.seconds = time.perf_counter() - started
             log.info("%s", summary.line())
         return summary
-
-    def _my_order(self, units: list[Unit]) -> list[Unit]:
-        """The pending units starting at a place of this worker's own (a hash of its name), so
-        workers started together take different units instead of all asking for the first."""
-        if not units:
-            return units
-        start = int(hashlib.sha256(self.owner.encode()).hexdigest(), 16) % len(units)
-        return units[start:] + units[:start]
 
     def _work_on(self, unit: Unit, summary: WorkerSummary) -> bool:
         """Claim, time and complete one unit; False if another worker holds it."""
