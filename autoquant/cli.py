@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "profile in the cache that this machine's environment lacks; N workers of "
                                       "one SKU split the work and time nothing twice (see autoquant/worker.py).")
     worker_parser(work)
-    work.set_defaults(func=lambda args: run_worker(args))
+    work.set_defaults(func=run_worker)
 
     from .cache_db.cli import add_cache_parser  # noqa: PLC0415 - the cache verbs live with the cache
 

@@ -35,8 +35,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -80,7 +80,6 @@ class WorkerSummary:
     claim_seconds: float = 0.0  # spent claiming and completing units (the coordination cost)
     stopped_by_signal: bool = False
     seconds: float = 0.0
-    done_keys: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"worker {self.owner} on {self.environment}: {self.units_done} units done "
@@ -286,7 +285,6 @@ class Worker:
         summary.taken_over += 1 if before else 0
         summary.timed += timed
         summary.cached += cached
-        summary.done_keys.append(unit.key)
         log.info("worker %s: %s (%s) done in %.2fs: %d candidates timed, %d cached, %d not runnable%s",
                  self.owner, unit.op.label(), ",".join(unit.profiles), time.perf_counter() - t0, timed,
                  cached, len(trials) - timed - cached, " (taken over)" if before else "")
@@ -338,19 +336,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def run_from_args(args: argparse.Namespace, timer: Timer | None = None,
-                  on_summary: Callable[[WorkerSummary], None] | None = None) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
     from .cache_db import SQLStore  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # what the worker did, whatever the root logger's level
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     with SQLStore(args.cache) as store:
-        worker = Worker(store, device=args.device, candidates=cands, timer=timer,
+        worker = Worker(store, device=args.device, candidates=cands,
                         lease=timedelta(seconds=args.lease), poll_s=args.poll)
         summary = worker.run(once=args.once, until_idle=args.until_idle)
-    if on_summary is not None:
-        on_summary(summary)
     print(summary.line())
     return 0
 
