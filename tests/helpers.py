@@ -50,6 +50,17 @@ KERNEL_VS_REFERENCE_DB = {
 OUTPUT_DTYPE_CAP_DB = {torch.float32: math.inf, torch.bfloat16: 40.0, torch.float16: 55.0}
 # Activation dtypes exercised per device: fp16 only on CUDA (CPU fp16 matmuls are slow scalar loops).
 DTYPES_BY_DEVICE = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+# Eight sentences for the MiniLM tests (tests/test_e2e.py, tests/core/test_accuracy_budget.py).
+SENTENCES = (
+    "autoquant picks the fastest kernel for each layer.",
+    "The cat sat on the mat while the rain fell outside.",
+    "Quantized int8 matrix multiplication on a CPU.",
+    "A short one.",
+    "Tuning caches are shared across a team of engineers deploying models.",
+    "Sentence embeddings compare meaning, not spelling.",
+    "PostgreSQL and SQLite store the measurements.",
+    "What is the capital of France?",
+)
 
 
 def running_in_ci() -> bool:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import require_module
+from helpers import SENTENCES, require_module
 
 import autoquant as aq
 from autoquant import BenchConfig, autoquant
@@ -140,16 +140,7 @@ def test_minilm_embeddings_cosine():
     st = require_module("sentence_transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = st.SentenceTransformer(minilm_path(), device="cpu")
-    sentences = [
-        "autoquant picks the fastest kernel for each layer.",
-        "The cat sat on the mat while the rain fell outside.",
-        "Quantized int8 matrix multiplication on a CPU.",
-        "A short one.",
-        "Tuning caches are shared across a team of engineers deploying models.",
-        "Sentence embeddings compare meaning, not spelling.",
-        "PostgreSQL and SQLite store the measurements.",
-        "What is the capital of France?",
-    ]
+    sentences = list(SENTENCES)
     with torch.no_grad():
         ref = model.encode(sentences, convert_to_tensor=True, batch_size=8)
     features = model.preprocess(sentences) if hasattr(model, "preprocess") else model.tokenize(sentences)

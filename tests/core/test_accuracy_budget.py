@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from helpers import require_module
+from helpers import SENTENCES as _SENTENCES, require_module
 from torch import nn
 
 import autoquant as aq
@@ -66,16 +66,7 @@ def minilm():
     return st.SentenceTransformer(path, device="cpu").eval()
 
 
-SENTENCES = [
-    "autoquant picks the fastest kernel for each layer.",
-    "The cat sat on the mat while the rain fell outside.",
-    "Quantized int8 matrix multiplication on a CPU.",
-    "A short one.",
-    "Tuning caches are shared across a team of engineers deploying models.",
-    "Sentence embeddings compare meaning, not spelling.",
-    "PostgreSQL and SQLite store the measurements.",
-    "What is the capital of France?",
-]
+SENTENCES = list(_SENTENCES)
 
 
 def features(model, sentences):
