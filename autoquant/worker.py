@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -88,26 +88,33 @@ class WorkerSummary:
                 + ("; stopped by a signal" if self.stopped_by_signal else ""))
 
 
-def unit_key(op: OpShape, candidates: Sequence[Any]) -> str:
+def unit_key(op: OpShape, candidates: Sequence[Any], timed: str | None = None) -> str:
     """The name of a unit in the claims table: the op and a digest of its candidate set (another
-    candidate list, or a new candidate version, is another unit)."""
+    candidate list, or a new candidate version, is another unit). `timed`: "eager" for a GPU
+    timed for an eager deployment (another unit than the graph replays a GPU unit meant before
+    TuneConfig.deployment existed, whose name is unchanged), None elsewhere."""
     names = sorted(f"{c.family}:{c.params_json()}:{c.version}" for c in candidates)
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return canonical_json({"m": op.m, "k": op.k, "n": op.n, "bias": op.bias, "dtype": op.dtype,
-                           "candidates": digest})
+                           "candidates": digest, **({"timed": timed} if timed else {})})
+
+
+def _unit_timed(device: torch.device, deployment: str) -> str | None:
+    return "eager" if device.type == "cuda" and deployment == "eager" else None
 
 
 def pending_units(store: Any, env_hash: str, device: torch.device,
-                  candidates: Sequence[Any] | None = None) -> list[Unit]:
+                  candidates: Sequence[Any] | None = None, deployment: str = "eager") -> list[Unit]:
     """Units of every stored profile not done yet for `env_hash`, in profile order (by name)."""
     from .cache_db import claims  # noqa: PLC0415
 
-    units = _units_of(store.list_profiles(), device, candidates)
+    units = _units_of(store.list_profiles(), device, candidates, deployment)
     done = claims.done_units(store, env_hash)
     return [u for k, u in units.items() if k not in done]
 
 
-def _units_of(profiles: Sequence[Any], device: torch.device, candidates: Sequence[Any] | None) -> dict[str, Unit]:
+def _units_of(profiles: Sequence[Any], device: torch.device, candidates: Sequence[Any] | None,
+              deployment: str = "eager") -> dict[str, Unit]:
     from .api import _candidates_for, _parse_candidates  # noqa: PLC0415 - pretune's candidate rules
 
     chosen = _parse_candidates(candidates)
@@ -117,7 +124,7 @@ def _units_of(profiles: Sequence[Any], device: torch.device, candidates: Sequenc
             if op.m <= 0:
                 continue
             cands = tuple(_candidates_for(op, device, chosen))
-            key = unit_key(op, cands)
+            key = unit_key(op, cands, _unit_timed(device, deployment))
             prev = units.get(key)
             units[key] = Unit(key, op, cands, (prev.profiles if prev else ()) + (profile.name,))
     return units
@@ -153,7 +160,10 @@ def coverage(store: Any, profile: str | None = None, candidates: Sequence[Any] |
         for name, units in units_by_profile.items():
             keys = [BenchKey(env.hash, c.family, c.params_json(), c.version, u.op, Timed.FULL)
                     for u in units.values() for c in u.candidates]
-            measured = store.get_many(keys)
+            # a whole-op figure of either timed path (a GPU deployed eagerly has EAGER rows)
+            full = store.get_many(keys)
+            eager = store.get_many([replace(k, timed=Timed.EAGER) for k in keys])
+            measured = [k for k in keys if k in full or replace(k, timed=Timed.EAGER) in eager]
             held = tuple(f"{c.owner} since {c.claimed_at:%H:%M:%SZ}, lease until {c.lease_until:%H:%M:%SZ}"
                          for c in every if c.env_hash == env.hash and c.state == "claimed" and c.unit in units)
             rows.append(CoverageRow(name, f"{env.short()} [{env.hash}]", len(done & set(units)), len(units),
@@ -182,14 +192,15 @@ class Worker:
     def __init__(self, store: Any, *, device: torch.device | str | None = None,
                  candidates: Sequence[Any] | None = None, timer: Timer | None = None,
                  mode: Any = ("interpolate", 0.85), bench: BenchConfig | None = None,
-                 lease: timedelta | None = None, poll_s: float = 5.0, owner: str | None = None) -> None:
+                 lease: timedelta | None = None, poll_s: float = 5.0, owner: str | None = None,
+                 deployment: str = "eager") -> None:
         from .cache_db import claims  # noqa: PLC0415
 
         self.store = store
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.candidates = candidates
-        self.config = TuneConfig(cost_model=CostModel.parse(mode), bench=bench or BenchConfig())
+        self.config = TuneConfig(cost_model=CostModel.parse(mode), bench=bench or BenchConfig(), deployment=deployment)
         self.timer = timer or default_timer(self.device, self.config.bench)
         self.lease = lease or claims.DEFAULT_LEASE
         self.poll_s = poll_s
@@ -223,7 +234,8 @@ class Worker:
         try:
             while not self._stop:
                 try:
-                    units = pending_units(self.store, self.env.hash, self.device, self.candidates)
+                    units = pending_units(self.store, self.env.hash, self.device, self.candidates,
+                                          self.config.deployment)
                     took = 0
                     for unit in units:
                         if self._stop:
@@ -266,8 +278,9 @@ class Worker:
         before = took == "taken_over"
         t0 = time.perf_counter()
         try:
-            trials = tune_ops({unit.op: list(unit.candidates)}, self.device, self.store, self.timer,
-                              self.config, progress=False, env=self.env)[unit.op]
+            with _LeaseKeeper(self.store, self.env.hash, unit.key, self.owner, self.lease):
+                trials = tune_ops({unit.op: list(unit.candidates)}, self.device, self.store, self.timer,
+                                  self.config, progress=False, env=self.env)[unit.op]
         except BaseException:
             # Not done: give the unit back (if the cache still answers) so another worker takes it
             # now rather than after the lease.
@@ -311,6 +324,54 @@ class Worker:
             signal.signal(sig, handler)
 
 
+class _LeaseKeeper:
+    """Renews a claim from a background thread while its unit is timed, every third of the lease,
+    so a unit that takes longer than the lease (a large op on a slow device) is not taken over by
+    another worker while this one still works on it. The lease then only covers the time between
+    renewals, and a dead worker's unit still returns to the pool one lease after its last renewal.
+    A renewal that fails (cache unreachable) is retried at the next tick; one that finds the claim
+    gone (taken over after a stall longer than the lease) is said in the log."""
+
+    def __init__(self, store: Any, env_hash: str, unit: str, owner: str, lease: timedelta) -> None:
+        import threading  # noqa: PLC0415
+
+        self._args = (store, env_hash, unit, owner, lease)
+        self._every = max(0.05, lease.total_seconds() / 3)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease {unit[:40]}", daemon=True)
+        self.renewals = 0
+
+    def __enter__(self) -> "_LeaseKeeper":
+        # An in-memory cache is this process's alone (nobody can take the unit over) and its one
+        # connection must not be shared by two threads' transactions.
+        if not getattr(self._args[0], "in_memory", False):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        from .cache_db import claims  # noqa: PLC0415
+
+        store, env_hash, unit, owner, lease = self._args
+        while not self._done.wait(self._every):
+            try:
+                held = claims.renew(store, env_hash, unit, owner, lease)
+            except Exception as exc:  # noqa: BLE001 - an outage: the next tick tries again
+                log.warning("worker %s: could not renew the claim on %s (%s); retrying", owner, unit,
+                            type(exc).__name__)
+                continue
+            if not held:
+                log.warning("worker %s: the claim on %s was taken over (this worker stalled longer "
+                            "than its lease); finishing it anyway, the store keeps one row per key",
+                            owner, unit)
+                return
+            self.renewals += 1
+
+
 def _is_outage(exc: BaseException) -> bool:
     """A cache that cannot be reached right now (server down, network, locked for long)."""
     from sqlalchemy.exc import DBAPIError, OperationalError  # noqa: PLC0415
@@ -327,6 +388,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--cache", required=True, help="the team cache: a PostgreSQL URL or a SQLite path")
     p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: cuda if present)")
     p.add_argument("--candidates", default=None, help="comma-separated family names (default: all)")
+    p.add_argument("--deployment", default="eager", choices=["eager", "graphs"],
+                   help="how tuned models will run on a GPU: 'eager' (default) or 'graphs' (CUDA graphs / "
+                        "torch.compile mode='reduce-overhead'); no effect on a CPU")
     p.add_argument("--lease", type=float, default=600.0, help="seconds a claim holds (default 600)")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks for new work")
     group = p.add_mutually_exclusive_group()
@@ -344,7 +408,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     with SQLStore(args.cache) as store:
         worker = Worker(store, device=args.device, candidates=cands,
-                        lease=timedelta(seconds=args.lease), poll_s=args.poll)
+                        lease=timedelta(seconds=args.lease), poll_s=args.poll, deployment=args.deployment)
         summary = worker.run(once=args.once, until_idle=args.until_idle)
     print(summary.line())
     return 0

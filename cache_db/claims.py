@@ -9,8 +9,9 @@ wait on, or both take, the same expired row; on SQLite every write transaction h
 write lock (BEGIN IMMEDIATE), which serializes claims. A finished unit stays 'done', so workers
 skip it even where some of its candidates could not run (they leave no measurement).
 
-Leases are compared with the claiming worker's UTC clock: keep the workers' clocks in sync (NTP)
-and the lease well above the longest unit.
+Leases are compared with the claiming worker's UTC clock: keep the workers' clocks in sync (NTP).
+A worker renews its claim every third of the lease while it times the unit, so a unit may take
+longer than the lease; the lease bounds how long a dead worker's unit waits to be taken over.
 """
 
 from __future__ import annotations

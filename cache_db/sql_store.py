@@ -131,6 +131,11 @@ class SQLStore:
     def _insert(self, table):
         return (sqlite_insert if self.backend == "sqlite" else pg_insert)(table)
 
+    @property
+    def in_memory(self) -> bool:
+        """An in-memory SQLite database: one connection, visible to this process only."""
+        return self.backend == "sqlite" and self._path is None
+
     def describe(self) -> str:
         """The SQLite file path, or the URL with its password masked."""
         return self._location

@@ -126,6 +126,38 @@ def test_a_killed_workers_unit_is_redone_after_its_lease(store_url: str, tmp_pat
     assert all(len(p - {killed_pid}) == 1 for p in rescuers.values())
 
 
+def test_a_unit_longer_than_the_lease_is_renewed_not_taken_over(store_url: str, tmp_path: Path) -> None:
+    """A live worker renews its claim while it times: a second worker started while the first
+    is well past its 1 s lease on one unit never takes that unit over nor times its keys."""
+    _fill(store_url)
+    log = tmp_path / "timings.log"
+    delay, lease = 0.4, 1.0
+    slow = _start(store_url, log, "--once", "--delay", str(delay), "--lease", str(lease))
+    _wait_for(lambda: _timings(log), 60, "the first worker to start timing")
+    time.sleep(2 * lease)  # the first unit's lease would have run out twice by now
+    other = _start(store_url, log, "--until-idle", "--delay", "0.02", "--lease", str(lease))
+    outs = [p.communicate(timeout=300) for p in (slow, other)]
+    for p, (out, err) in zip((slow, other), outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "taken_over=0" in out, out
+    timings = _timings(log)
+    slow_pid = timings[0][0]
+    first_unit = [k for pid, k in timings if pid == slow_pid and _op_of(k) == _op_of(timings[0][1])]
+    assert len(first_unit) * delay > 2 * lease, "the first unit was too short to outlive its lease"
+    per_key = collections.defaultdict(set)
+    for pid, key in timings:
+        per_key[key].add(pid)
+    assert all(len(p) == 1 for p in per_key.values()), [k for k, p in per_key.items() if len(p) > 1][:3]
+    with SQLStore(store_url) as store:
+        assert all(c.state == "done" and c.attempts == 1 for c in claims.claims(store))
+    assert _pending(store_url) == []
+
+
+def _op_of(key: str) -> str:
+    """The op part of a logged BenchKey text (everything from its OpShape on)."""
+    return key[key.index("OpShape"):].split(")", 1)[0]
+
+
 def test_sigterm_finishes_the_unit_in_hand_then_exits(store_url: str, tmp_path: Path) -> None:
     _fill(store_url)
     log = tmp_path / "timings.log"
