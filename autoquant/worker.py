@@ -393,6 +393,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "torch.compile mode='reduce-overhead'); no effect on a CPU")
     p.add_argument("--lease", type=float, default=600.0, help="seconds a claim holds (default 600)")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks for new work")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for this worker (default: torch's). The thread count is part of a "
+                        "CPU's environment fingerprint: a CPU worker fills the cache for deployments "
+                        "running that many threads. Several workers on one host: give each its share "
+                        "of the cores, or their threads fight for them")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--once", action="store_true", help="one pass over the pending units, then exit")
     group.add_argument("--until-idle", action="store_true",
@@ -406,6 +411,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # what the worker did, whatever the root logger's level
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"autoquant worker: --threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     with SQLStore(args.cache) as store:
         worker = Worker(store, device=args.device, candidates=cands,
                         lease=timedelta(seconds=args.lease), poll_s=args.poll, deployment=args.deployment)

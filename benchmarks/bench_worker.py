@@ -9,7 +9,10 @@ worker and for 2 side by side, the throughput ratio, milliseconds spent claiming
 unit, and keys timed by more than one worker (must be 0).
 
     python benchmarks/bench_worker.py                         # SQLite, 3 runs
-    python benchmarks/bench_worker.py --postgres --runs 20    # also PostgreSQL (starts a server)
+    python benchmarks/bench_worker.py --postgres --runs 5 --dup-runs 15   # also PostgreSQL (starts a server)
+
+Each worker gets its share of the cores (``--threads`` of ``autoquant worker``; ``--shared-threads``:
+all cores each, the oversubscribed way).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker_main(url: str, log: str, cost_ms: float) -> int:
-    """The child: one Worker until idle, logging "pid key" per timed job."""
+def worker_main(url: str, log: str, cost_ms: float, threads: int) -> int:
+    """The child: one Worker until idle on `threads` CPU threads, logging "pid key" per timed job."""
+    import torch
+
     from autoquant.bench import FakeTimer
     from autoquant.cache_db import SQLStore
     from autoquant.worker import Worker
@@ -48,6 +53,7 @@ def worker_main(url: str, log: str, cost_ms: float) -> int:
             time.sleep(cost_ms / 1e3)
             return super().quick(job, device)
 
+    torch.set_num_threads(threads)  # as `autoquant worker --threads` does
     with SQLStore(url) as store:
         worker = Worker(store, device="cpu", timer=FixedCost(lambda k: 1e-5, run=False), poll_s=0.1,
                         lease=timedelta(minutes=5))
@@ -67,10 +73,10 @@ def _fill(url: str, ops: int) -> None:
                                                      for i in range(ops)})
 
 
-def _run_workers(url: str, n: int, cost_ms: float, log: Path) -> tuple[float, int, float]:
+def _run_workers(url: str, n: int, cost_ms: float, log: Path, threads: int) -> tuple[float, int, float]:
     """(seconds from the first worker's start to the last one's end, imports excluded; units done;
-    claim seconds) for `n` workers started together."""
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", url, str(log), str(cost_ms)],
+    claim seconds) for `n` workers started together, `threads` CPU threads each."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", url, str(log), str(cost_ms), str(threads)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(n)]
     units, claim_s, starts, ends = 0, 0.0, [], []
@@ -100,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-ms", type=float, default=2.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--postgres", action="store_true", help="also on a PostgreSQL server started here")
+    ap.add_argument("--dup-runs", type=int, default=0,
+                    help="more runs of 2 workers only, counting keys timed twice (the duplicate check)")
+    ap.add_argument("--shared-threads", action="store_true",
+                    help="every worker uses all cores (default: the cores split between the workers, "
+                         "as `autoquant worker --threads` is meant to be used on one host)")
     args = ap.parse_args(argv)
+    cores = os.cpu_count() or 1
+
+    def threads_for(n: int) -> int:
+        return cores if args.shared_threads else max(1, cores // n)
 
     backends: list[tuple[str, object]] = [("sqlite", None)]
     server = None
@@ -113,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         backends.append(("postgresql", server))
     import torch
 
-    print(f"bench_worker: {args.ops} ops, {args.cost_ms} ms per timed job, {args.runs} runs, "
-          f"torch {torch.__version__}, {os.cpu_count()} cores")
+    print(f"bench_worker: {args.ops} ops, {args.cost_ms} ms per timed job, {args.runs} runs "
+          f"(+{args.dup_runs} duplicate-check runs of 2 workers), torch {torch.__version__}, {cores} cores, "
+          f"threads per worker: 1 worker {threads_for(1)}, 2 workers {threads_for(2)}")
     print(f"{'backend':11s} {'run':>3s} {'1 worker s':>10s} {'2 workers s':>11s} {'ratio':>6s} "
           f"{'claim ms/unit':>13s} {'dup keys':>8s}")
     try:
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                             url = srv.create_schema("bench_worker", f"r{run}_{n}")
                         _fill(url, args.ops)
                         log = Path(tmp) / "timings.log"
-                        secs, units, claim_s = _run_workers(url, n, args.cost_ms, log)
+                        secs, units, claim_s = _run_workers(url, n, args.cost_ms, log, threads_for(n))
                         times.append(secs)
                         if units != args.ops:
                             raise SystemExit(f"{name}: {units} units done, expected {args.ops}")
@@ -141,9 +157,25 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(times[0] / times[1])
                 print(f"{name:11s} {run:3d} {times[0]:10.2f} {times[1]:11.2f} {ratios[-1]:6.2f} "
                       f"{claim_ms[-1]:13.2f} {dups:8d}")
-            print(f"{name:11s} median throughput 2 vs 1 worker: {statistics.median(ratios):.2f}x; claim "
-                  f"overhead per unit median {statistics.median(claim_ms):.2f} ms (max {max(claim_ms):.2f}); "
-                  f"keys timed by two workers: {dups}")
+            for run in range(args.dup_runs):
+                with tempfile.TemporaryDirectory() as tmp:
+                    if srv is None:
+                        url = f"sqlite:///{Path(tmp) / 'cache.sqlite'}"
+                    else:
+                        url = srv.create_schema("bench_worker", f"d{run}")
+                    _fill(url, args.ops)
+                    log = Path(tmp) / "timings.log"
+                    secs, units, claim_s = _run_workers(url, 2, args.cost_ms, log, threads_for(2))
+                    if units != args.ops:
+                        raise SystemExit(f"{name}: {units} units done, expected {args.ops}")
+                    claim_ms.append(claim_s / units * 1e3)
+                    dups += _duplicates(log)
+                    if srv is not None:
+                        srv.drop_schema("bench_worker", f"d{run}")
+            runs = args.runs + args.dup_runs
+            print(f"{name:11s} median throughput 2 vs 1 worker: {statistics.median(ratios):.2f}x "
+                  f"({args.runs} runs); claim overhead per unit median {statistics.median(claim_ms):.2f} ms "
+                  f"(max {max(claim_ms):.2f}); keys timed by two workers in {runs} runs of 2 workers: {dups}")
     finally:
         if server is not None:
             server.stop()
@@ -152,5 +184,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        raise SystemExit(worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4])))
+        raise SystemExit(worker_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])))
     raise SystemExit(main())

@@ -97,6 +97,8 @@ def test_profile_with_m_buckets_then_a_worker_fills_the_cache(tmp_path):
     out = aq("profile", "--model", MODEL, "--input", "float32[4,128]", "--name", "demo", "--m", "1-8",
              "--cache", cache)
     assert "stored profile 'demo'" in out.stdout
+    bad = aq("worker", "--cache", cache, "--threads", "0", "--until-idle", check=False)
+    assert bad.returncode != 0 and "--threads must be at least 1" in bad.stderr
     work = aq("worker", "--cache", cache, "--device", "cpu", "--candidates", "int8_dynamic", "--until-idle",
               "--poll", "0.1")
     assert "12 units done" in work.stdout, work.stdout + work.stderr  # 3 layer shapes x M in {1, 2, 4, 8}
