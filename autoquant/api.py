@@ -29,9 +29,9 @@ from .hardware import environment
 from .keys import OpShape
 from .report import TuningReport
 from .selection import LayerPlan, is_baseline, select_layer
-from .store import MemoryStore, Store
+from .store import MemoryStore, SafeStore, Store
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
-from .tune import ON_MISS, SafeStore, _return_freed_memory, tune_ops
+from .tune import ON_MISS, _return_freed_memory, tune_ops
 
 __all__ = ["autoquant", "finalize", "report", "DEFAULT_CACHE", "get_report"]
 

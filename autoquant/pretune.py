@@ -27,8 +27,8 @@ from .bench import BenchConfig, Timer, default_timer
 from .config import CostModel, TuneConfig
 from .hardware import environment
 from .profile import ShapeProfile
-from .store import Store
-from .tune import SafeStore, tune_ops
+from .store import SafeStore, Store
+from .tune import tune_ops
 
 __all__ = ["PretuneSummary", "pretune"]
 

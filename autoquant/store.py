@@ -13,6 +13,7 @@ which one it holds. Stores keep raw measurements, never winners (DESIGN.md secti
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, runtime_checkable
 
@@ -21,7 +22,9 @@ from .keys import BenchKey, Measurement
 if TYPE_CHECKING:
     from .hardware import Environment
 
-__all__ = ["Store", "MemoryStore"]
+__all__ = ["MemoryStore", "SafeStore", "Store"]
+
+log = logging.getLogger("autoquant.tune")  # where the tuner's other cache warnings go
 
 
 @runtime_checkable
@@ -75,3 +78,48 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+class SafeStore:
+    """Wraps a store so that a fault in it (locked for long, disk full, server gone) never stops
+    tuning: the failure is logged once, and from then on measurements live in memory."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.memory = MemoryStore()
+        self.failure: str | None = None
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = f"tuning cache {self.inner.describe()} failed during {what} ({type(exc).__name__}: {exc}); continuing in memory"
+            log.warning("%s", self.failure)
+
+    def get_many(self, keys: Iterable[BenchKey]) -> dict[BenchKey, Measurement]:
+        keys = list(keys)
+        found = self.memory.get_many(keys)
+        if self.failure is None:
+            try:
+                found.update(self.inner.get_many([k for k in keys if k not in found]))
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("lookup", exc)
+        return found
+
+    def put_many(self, env: Environment | None, items: Mapping[BenchKey, Measurement]) -> None:
+        self.memory.put_many(env, items)
+        if self.failure is None:
+            try:
+                self.inner.put_many(env, items)
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("write", exc)
+
+    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
+        found = self.memory.measured_ms(env_hash, k, n, bias, dtype)
+        if self.failure is None:
+            try:
+                found |= self.inner.measured_ms(env_hash, k, n, bias, dtype)
+            except Exception as exc:  # any store fault: degrade, never abort tuning
+                self._fail("lookup", exc)
+        return found
+
+    def describe(self) -> str:
+        return self.inner.describe() + (" (failed; in memory)" if self.failure else "")

@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -38,13 +38,12 @@ from .opbench import (DeviceFault, OpBench, Trial, _by_part, bench_key, check_fa
                       measure_jobs, return_freed_memory)
 from .opbench import _clones, _jobs_for, _read_bytes, _state_bytes  # noqa: F401 - tests and benchmarks import them here
 from .screening import Screen, best_known, probe_keys, skip_reason, skipped_by_cache
-from .store import MemoryStore, Store
+from .store import Store
 
 __all__ = [
     "ON_MISS",
     "CacheMissError",
     "CudaFaultError",
-    "SafeStore",
     "Trial",
     "bench_key",
     "copies_per_candidate",
@@ -72,51 +71,6 @@ class CudaFaultError(RuntimeError):
     memory access, a device-side assert, ...): every kernel timed after it would fail too, and
     the layers would be "kept float" for reasons not their own. Measurements of the ops tuned
     before it are in the cache; restart the process to carry on from there."""
-
-
-class SafeStore:
-    """Wraps a store so that a fault in it (locked for long, disk full, server gone) never stops
-    tuning: the failure is logged once, and from then on measurements live in memory."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.memory = MemoryStore()
-        self.failure: str | None = None
-
-    def _fail(self, what: str, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = f"tuning cache {self.inner.describe()} failed during {what} ({type(exc).__name__}: {exc}); continuing in memory"
-            log.warning("%s", self.failure)
-
-    def get_many(self, keys: Iterable[BenchKey]) -> dict[BenchKey, Measurement]:
-        keys = list(keys)
-        found = self.memory.get_many(keys)
-        if self.failure is None:
-            try:
-                found.update(self.inner.get_many([k for k in keys if k not in found]))
-            except Exception as exc:  # any store fault: degrade, never abort tuning
-                self._fail("lookup", exc)
-        return found
-
-    def put_many(self, env: Environment | None, items: Mapping[BenchKey, Measurement]) -> None:
-        self.memory.put_many(env, items)
-        if self.failure is None:
-            try:
-                self.inner.put_many(env, items)
-            except Exception as exc:  # any store fault: degrade, never abort tuning
-                self._fail("write", exc)
-
-    def measured_ms(self, env_hash: str, k: int, n: int, bias: bool, dtype: str) -> set[int]:
-        found = self.memory.measured_ms(env_hash, k, n, bias, dtype)
-        if self.failure is None:
-            try:
-                found |= self.inner.measured_ms(env_hash, k, n, bias, dtype)
-            except Exception as exc:  # any store fault: degrade, never abort tuning
-                self._fail("lookup", exc)
-        return found
-
-    def describe(self) -> str:
-        return self.inner.describe() + (" (failed; in memory)" if self.failure else "")
 
 
 def _budget_left(started: float, config: TuneConfig, share: float) -> float | None:

@@ -15,7 +15,7 @@ from autoquant.cache_db import (
 from autoquant.cache_db.engine import mask_url, parse_spec
 
 from autoquant.store import MemoryStore
-from autoquant.tune import SafeStore
+from autoquant.store import SafeStore
 
 from .conftest import CPU_ENV
 from .helpers import figures, key

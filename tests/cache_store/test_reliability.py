@@ -26,7 +26,7 @@ from autoquant.cache_db import (
 )
 
 from autoquant.store import MemoryStore
-from autoquant.tune import SafeStore
+from autoquant.store import SafeStore
 
 from .conftest import CPU_ENV, TEST_DB
 from .helpers import figures, key, run_unprivileged
