@@ -147,6 +147,7 @@ def autoquant(
     on_miss: str = "bench",
     op_budget_s: float | None = 5.0,
     hopeless_factor: float = 4.0,
+    deployment: str = "eager",
 ) -> nn.Module:
     """Prepare `model` (in place) so each nn.Linear ends up on its fastest kernel here.
 
@@ -184,6 +185,11 @@ def autoquant(
       sample counts). `hopeless_factor`: candidates predicted (from probes at fewer rows) or first
       measured this many times slower than the best are not timed further (0: time everything).
       Both are shown per candidate by ``autoquant.get_report(model).to_ops_frame()``.
+    - `deployment`: how the tuned model will run on a GPU, which decides what each candidate's
+      cost is there: "eager" (default: layers called through Python; timed as synchronized eager
+      calls, host time included) or "graphs" (you capture it in CUDA graphs or torch.compile it
+      with mode="reduce-overhead"; timed as CUDA-graph replays). No effect on a CPU. See
+      ``TuneConfig.deployment``.
     - A sticky CUDA error (illegal memory access, device-side assert) stops tuning with
       ``autoquant.CudaFaultError``; what was measured before it stays in the cache.
 
@@ -213,7 +219,7 @@ def autoquant(
     config = TuneConfig(
         cost_model=CostModel.parse(mode), min_sqnr=min_sqnr,
         candidates=None, bench=bench or BenchConfig(), op_budget_s=op_budget_s,
-        hopeless_factor=hopeless_factor, min_cosine=min_cosine,
+        hopeless_factor=hopeless_factor, min_cosine=min_cosine, deployment=deployment,
     )
     outputs = _parse_outputs(budget_outputs, config.min_cosine)
     layers, skipped = _select_layers(root, filter_fn)
@@ -369,7 +375,7 @@ def finalize(model: nn.Module) -> nn.Module:
         plan = plans[name]
         new = None
         try:
-            new = built.pop(name) if name in built else build_layer(plan, lin)
+            new = built.pop(name) if name in built else build_layer(plan, lin, session.records[name].act_absmax())
         except Exception as exc:  # the model must never be taken down by one layer
             plan.status = f"kept float: building the winner failed ({type(exc).__name__}: {exc})"
             plan.winner, plan.dispatch, plan.cost = None, None, plan.baseline_cost
@@ -388,6 +394,7 @@ def finalize(model: nn.Module) -> nn.Module:
     rep = TuningReport(
         layers=[plans[n] for n in names], skipped=dict(session.skipped), environments=envs,
         cost_model=session.config.cost_model, min_sqnr=session.config.min_sqnr, cache=store_desc,
+        deployment=session.config.deployment,
         seconds=time.perf_counter() - started, warnings=warnings_, accuracy=budget,
     )
     object.__setattr__(root, _REPORT_ATTR, rep)
@@ -410,7 +417,8 @@ def _budget(root: nn.Module, session: _Session, plans: dict[str, LayerPlan]
     for lin in session.layers.values():
         restore_float(lin)
     return enforce_budget(root, session.layers, plans, session.recorded, cfg.min_cosine,
-                          margin=cfg.budget_margin, rounds=cfg.verify_rounds)
+                          margin=cfg.budget_margin, rounds=cfg.verify_rounds,
+                          act_absmax={n: a for n, r in session.records.items() if (a := r.act_absmax()) is not None})
 
 
 def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], str, list[str]]:
@@ -442,7 +450,8 @@ def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], s
         weight = lin.weight.unwrap() if isinstance(lin.weight, AutoQuantizableLinearWeight) else lin.weight.detach()
         bias = None if lin.bias is None else lin.bias.detach()
         device_trials = trials.get(weight.device, {})
-        plans[name] = select_layer(name, ops, device_trials, weight, bias, rec.activations(), session.config)
+        plans[name] = select_layer(name, ops, device_trials, weight, bias, rec.activations(), session.config,
+                                   act_absmax=rec.act_absmax())
     timed_any = any(t.ok for dev in trials.values() for per in dev.values() for t in per.values())
     f64 = sorted(name for name, rec in session.records.items()
                  if any(op.m > 0 and op.dtype == "float64" for op in rec.counts))

@@ -1,4 +1,5 @@
-"""Timing you can trust (DESIGN.md section 5): CUDA-graph replays on GPU, a careful timer on CPU.
+"""Timing you can trust (DESIGN.md section 5): on GPU, each job on the path its key names (CUDA-graph
+replays, or synchronized eager calls for ``Timed.EAGER``); a careful timer on CPU.
 
 The tuner hands the harness a group of :class:`BenchJob` for ONE op (every candidate of it); the
 harness times them interleaved so drift and a neighbour's load hit all of them alike, and returns
@@ -35,17 +36,21 @@ from .keys import BenchKey, Measurement
 __all__ = [
     "BenchConfig",
     "BenchJob",
+    "CaptureError",
     "CountingTimer",
     "CpuTimer",
     "CudaTimer",
     "FakeTimer",
     "Timer",
+    "calls_per_sample",
     "cuda_context_broken",
     "default_timer",
+    "is_eager_job",
     "is_sticky_cuda_error",
     "last_level_cache_bytes",
     "measure_within",
     "paired_blocks",
+    "per_call_s",
     "quantiles",
     "time_callables",
 ]
@@ -137,7 +142,12 @@ class BenchJob:
 class Timer(Protocol):
     """What the tuner needs from a harness. A timer may also define ``cold_bytes(device) -> int``:
     how many bytes of weight traffic should separate two calls on one weight copy (CpuTimer: the
-    last-level cache); without it, one hot copy is timed."""
+    last-level cache); without it, one hot copy is timed. And ``can_capture(job, device) -> bool``
+    (CudaTimer): whether a job can be captured in a CUDA graph; the tuner then labels a candidate
+    that cannot ``Timed.EAGER`` where graph replays are wanted. Without it, every job can.
+
+    A timer times a job the way its key's ``timed`` says (on CUDA: EAGER as synchronized eager
+    calls, the other parts as graph replays; on a CPU every part is an eager call)."""
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
         """A rough seconds-per-call from a couple of calls, to screen out hopeless candidates."""
@@ -340,29 +350,98 @@ def _rotated(n: int, r: int) -> list[int]:
     return list(range(start, n)) + list(range(start))
 
 
-class CudaTimer:
-    """CUDA-graph replays timed with events, L2 flushed before each sample.
+class CaptureError(RuntimeError):
+    """A job labelled as a CUDA-graph replay (FULL, MATMUL, RELU) could not be captured. The
+    harness never times such a job another way under the same label: the tuner asks
+    ``can_capture`` first and labels a job that cannot be captured ``Timed.EAGER``."""
 
-    Warm-up (compilation, autotuning, lazy init) runs before capture, on a side stream as graph
-    capture requires. If a job cannot be captured (a kernel that syncs or allocates on the host),
-    it is timed as plain eager launches between events instead, and still L2-flushed.
+
+# A graph replay of one 3-10 us kernel is dominated by the replay's own launch latency, so a graph
+# holds several calls: as many as make one replay last about this long (between 1 and
+# _GRAPH_MOST_CALLS, and never more than the job's distinct weight copies, so each call in a replay
+# still reads its weights cold after the L2 flush). Eager samples hold a few calls for the same
+# reason (the final synchronize is paid once per sample).
+_REPLAY_TARGET_S = 75e-6
+_GRAPH_MOST_CALLS = 32
+_EAGER_MOST_CALLS = 8
+
+
+def calls_per_sample(one_call_s: float, distinct: int, *, most: int = _GRAPH_MOST_CALLS,
+                     target_s: float = _REPLAY_TARGET_S) -> int:
+    """How many calls one timed sample (a graph replay, or a block of eager calls) holds, given
+    one call's seconds: enough that the sample lasts about `target_s`, at least 1, at most `most`
+    and at most `distinct` (the job's weight copies: a call never re-reads a copy read earlier in
+    the same sample).
+
+    >>> calls_per_sample(5e-6, 32), calls_per_sample(5e-6, 4), calls_per_sample(1e-3, 32)
+    (15, 4, 1)
+    """
+    cap = max(1, min(most, distinct))
+    if not one_call_s > 0:
+        return cap
+    return max(1, min(cap, round(target_s / one_call_s)))
+
+
+def per_call_s(elapsed_s: float, calls: int) -> float:
+    """Seconds per call of a sample that ran `calls` calls in `elapsed_s` seconds.
+
+    >>> per_call_s(60e-6, 12)
+    5e-06
+    """
+    if calls < 1:
+        raise ValueError(f"a sample holds at least one call, got {calls}")
+    return elapsed_s / calls
+
+
+def is_eager_job(job: BenchJob) -> bool:
+    """Whether `job` is timed as synchronized eager calls (its key says ``Timed.EAGER``)."""
+    from .keys import Timed  # noqa: PLC0415 - keys is light; a local import keeps the header short
+
+    return job.key.timed is Timed.EAGER
+
+
+class CudaTimer:
+    """Times each job the way its key says it will run, on `device` (events, streams, capture
+    and the L2 flush buffer pinned to it, whichever device is current), L2 flushed before each
+    sample.
+
+    - ``Timed.EAGER``: synchronized eager calls, host time included (what a finalized layer costs
+      in a model that runs eagerly): per sample, flush, synchronize, then the host clock around a
+      few calls and a final synchronize, divided by the calls.
+    - ``FULL`` / ``MATMUL`` / ``RELU``: CUDA-graph replays, GPU time only (what a layer costs in a
+      captured or compiled model): several calls captured in one graph (``calls_per_sample``),
+      timed with events, divided by the calls. A job that cannot be captured raises
+      :class:`CaptureError`: it is never timed eagerly under a graph label.
+
+    Warm-up (compilation, autotuning, lazy init) runs before any timed call, on a side stream for
+    graphs as capture requires.
     """
 
     def __init__(self, config: BenchConfig | None = None) -> None:
         self.config = config or BenchConfig()
 
+    def cold_bytes(self, device: torch.device) -> int:
+        """The device's L2 size: the tuner gives each candidate enough weight copies that the
+        calls of one sample read distinct copies, each cold after the flush."""
+        if device.type != "cuda":
+            return 0
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or (self.config.l2_flush_mb << 20))
+
+    def can_capture(self, job: BenchJob, device: torch.device) -> bool:
+        """Whether `job` can be captured in a CUDA graph (a kernel that syncs or allocates on
+        the host cannot)."""
+        with torch.no_grad():
+            return capture_graph(job.fn, device)[1]
+
     def quick(self, job: BenchJob, device: torch.device) -> float:
+        """The faster of two flushed one-call samples, on the job's own path (a graph replay, or
+        a synchronized eager call), after warm-up: screening compares like with like."""
         with torch.no_grad(), torch.cuda.device(device):
-            job.fn()
-            best = math.inf
-            for _ in range(2):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                job.fn()
-                end.record()
-                end.synchronize()
-                best = min(best, start.elapsed_time(end) / 1e3)
+            flush = torch.empty(self.config.l2_flush_mb << 20, dtype=torch.uint8, device=device)
+            sample = self._sampler(job, device, flush, calls=1)
+            best = min(sample() for _ in range(2))
+            del flush
         return best
 
     def measure(self, jobs: Sequence[BenchJob], device: torch.device) -> list[Measurement]:
@@ -371,50 +450,75 @@ class CudaTimer:
     def measure_within(self, jobs: Sequence[BenchJob], device: torch.device,
                        budget_s: float | None, *, least: int | None = None) -> list[Measurement]:
         """As `measure`, with as many samples as fit in `budget_s` (between `least`, default
-        `min_samples`, and `cuda_samples`); one flushed replay of each job, after capture, tells
-        what a sample costs."""
+        `min_samples`, and `cuda_samples`); one sample of each job, after warm-up and capture,
+        tells what a round costs."""
         if not jobs:
             return []
         cfg = self.config
         started = time.perf_counter()
-        # Events, streams, capture and the flush buffer on `device`, whichever device is current.
         with torch.no_grad(), torch.cuda.device(device):
-            runners = [capture_graph(job.fn, device)[0] for job in jobs]
             flush = torch.empty(cfg.l2_flush_mb << 20, dtype=torch.uint8, device=device)
+            samplers = [self._sampler(job, device, flush) for job in jobs]
             t0 = time.perf_counter()
-            for run in runners:
-                _event_time(run, flush)
+            for sample in samplers:
+                sample()
             per_round = time.perf_counter() - t0
             n = _samples_within(budget_s, time.perf_counter() - started, per_round, cfg.cuda_samples,
                                 cfg.min_samples if least is None else least)
             samples: list[list[float]] = [[] for _ in jobs]
             for r in range(n):
                 for i in _rotated(len(jobs), r):
-                    samples[i].append(_event_time(runners[i], flush))
-            del flush
+                    samples[i].append(samplers[i]())
+            del samplers, flush
         return [_summary(s, None) for s in samples]
 
+    def _sampler(self, job: BenchJob, device: torch.device, flush: torch.Tensor,
+                 calls: int | None = None) -> Callable[[], float]:
+        """A function taking one flushed sample of `job` (seconds per call), warmed up and, for a
+        graph job, captured; `calls` per sample, or as many as ``calls_per_sample`` says."""
+        if is_eager_job(job):
+            for _ in range(3):  # compilation, autotuning, lazy init
+                job.fn()
+            n = calls or calls_per_sample(_eager_sample(job.fn, 1, flush, device), job.calls,
+                                          most=_EAGER_MOST_CALLS)
+            return lambda: _eager_sample(job.fn, n, flush, device)
+        run, ok = capture_graph(job.fn, device)
+        if not ok:
+            raise CaptureError(
+                f"{job.key.candidate} {job.key.params} could not be captured in a CUDA graph, so it "
+                f"cannot be timed as a '{job.key.timed.value}' graph replay; time it as Timed.EAGER")
+        n = calls or calls_per_sample(_event_time(run, flush), job.calls)
+        if n > 1:
+            del run
+            run, ok = capture_graph(job.fn, device, calls=n, warmup=1)
+            if not ok:
+                raise CaptureError(f"{job.key.candidate} {job.key.params}: a graph of {n} calls failed to "
+                                   "capture where one call did")
+        return lambda: per_call_s(_event_time(run, flush), n)
 
-def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[Callable[[], Any], bool]:
-    """``(graph.replay, True)`` for `fn` captured in a CUDA graph on `device`, after three warm-up
-    calls on a side stream (compilation, autotuning and lazy init must not happen inside a capture);
-    ``(fn, False)`` where capture fails (a kernel that syncs or allocates on the host): the caller
-    then times eager launches."""
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, *, calls: int = 1,
+                  warmup: int = 3) -> tuple[Callable[[], Any], bool]:
+    """``(graph.replay, True)`` for `calls` calls of `fn` captured in one CUDA graph on `device`,
+    after `warmup` calls on a side stream (compilation, autotuning and lazy init must not happen
+    inside a capture); ``(fn, False)`` where capture fails (a kernel that syncs or allocates on
+    the host): the caller decides what to time instead, and says so."""
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(3):
+            for _ in range(warmup):
                 fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                fn()
+                for _ in range(calls):
+                    fn()
             torch.cuda.synchronize(device)
             return graph.replay, True
-        except Exception:  # noqa: BLE001 - capture unsupported for this kernel: eager launches
+        except Exception:  # noqa: BLE001 - capture unsupported for this kernel
             torch.cuda.synchronize(device)
             return fn, False
 
@@ -429,6 +533,18 @@ def _event_time(run: Callable[[], Any], flush: torch.Tensor) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def _eager_sample(fn: Callable[[], Any], calls: int, flush: torch.Tensor, device: torch.device) -> float:
+    """Seconds per call of `calls` eager calls of `fn`, host time included: flush L2, wait for
+    the device, then the host clock around the calls and a final synchronize."""
+    flush.zero_()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize(device)
+    return per_call_s(time.perf_counter() - t0, calls)
 
 
 # CUDA errors after which the process's CUDA context is unusable: every later launch fails with
@@ -478,10 +594,16 @@ class FakeTimer:
     """Deterministic timer for tests: `cost(key) -> seconds`; runs each fn once so a failing
     candidate still fails as it would under the real harness (set `run=False` to skip that)."""
 
-    def __init__(self, cost: Callable[[BenchKey], float], *, spread: float = 0.0, run: bool = True) -> None:
+    def __init__(self, cost: Callable[[BenchKey], float], *, spread: float = 0.0, run: bool = True,
+                 capture: Callable[[BenchKey], bool] | None = None) -> None:
         self.cost = cost
         self.spread = spread
         self.run = run
+        self.capture = capture
+
+    def can_capture(self, job: BenchJob, device: torch.device) -> bool:
+        """`capture(key)` where given (a fake CUDA graph capture that fails for some), else True."""
+        return True if self.capture is None else bool(self.capture(job.key))
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
         if self.run:
@@ -521,6 +643,10 @@ class CountingTimer:
     def cold_bytes(self, device: torch.device) -> int:
         method = getattr(self.inner, "cold_bytes", None)
         return int(method(device)) if callable(method) else 0
+
+    def can_capture(self, job: BenchJob, device: torch.device) -> bool:
+        method = getattr(self.inner, "can_capture", None)
+        return bool(method(job, device)) if callable(method) else True
 
     def quick(self, job: BenchJob, device: torch.device) -> float:
         self.quick_calls += 1
@@ -574,12 +700,17 @@ def paired_blocks(a: Callable[[], Any], b: Callable[[], Any], rounds: int, block
 
 
 def time_callables(fns: dict[str, Callable[[], Any]], device: torch.device,
-                   config: BenchConfig | None = None) -> dict[str, Measurement]:
+                   config: BenchConfig | None = None, *, deployment: str = "eager") -> dict[str, Measurement]:
     """Time named zero-argument callables side by side (interleaved) with the real harness:
-    e.g. a float model against its autoquantized copy, for an end-to-end speedup."""
+    e.g. a float model against its autoquantized copy, for an end-to-end speedup. On CUDA,
+    `deployment` "eager" times synchronized eager calls (how the models run unless captured),
+    "graphs" CUDA-graph replays (raises CaptureError where one cannot be captured)."""
     from .keys import OpShape, Timed  # noqa: PLC0415 - local: keys only label the jobs here
 
+    if deployment not in ("eager", "graphs"):
+        raise ValueError(f"deployment={deployment!r}: use 'eager' or 'graphs'")
     op = OpShape(1, 1, 1, False, "float32")
-    jobs = [BenchJob(BenchKey("adhoc", name, "{}", 0, op, Timed.FULL), fn) for name, fn in fns.items()]
+    path = Timed.EAGER if device.type == "cuda" and deployment == "eager" else Timed.FULL
+    jobs = [BenchJob(BenchKey("adhoc", name, "{}", 0, op, path), fn) for name, fn in fns.items()]
     timed = default_timer(device, config).measure(jobs, device)
     return dict(zip(fns, timed))

@@ -132,7 +132,7 @@ def _cmd_pretune(args: argparse.Namespace) -> int:
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
     with _open_sql(args.cache) as store:
         summary = pretune(prof, store, candidates=cands, device=args.device, mode=args.mode,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, deployment=args.deployment)
     print("\n".join(summary.lines()))
     return 0
 
@@ -147,7 +147,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise ValueError("--budget-output names the outputs --min-cosine applies to: pass --min-cosine as well")
     autoquant(model, inputs, cache=args.cache if args.cache != "none" else None, mode=args.mode,
               candidates=cands, min_sqnr=args.min_sqnr, progress=not args.no_progress,
-              on_miss=args.on_miss, min_cosine=args.min_cosine, budget_outputs=args.budget_output)
+              on_miss=args.on_miss, min_cosine=args.min_cosine, budget_outputs=args.budget_output,
+              deployment=args.deployment)
     rep = get_report(model)
     frame = rep.summary_frame()
     if args.format == "markdown":
@@ -195,6 +196,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="cast the model to this dtype first, e.g. bfloat16")
 
 
+def _add_deployment_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deployment", default="eager", choices=["eager", "graphs"],
+                   help="how the model will run on a GPU: 'eager' (default; candidates timed as eager calls) or "
+                        "'graphs' (CUDA graphs / torch.compile mode='reduce-overhead'; timed as graph replays); "
+                        "no effect on a CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoquant", description="Pick the fastest quantized kernel per layer and shape; manage the tuning cache.",
@@ -235,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--candidates", default=None, help="comma-separated family names (default: all)")
     pre.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     pre.add_argument("--mode", default="interpolate", choices=["interpolate", "relu"], help="cost model to time for")
+    _add_deployment_arg(pre)
     pre.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     pre.set_defaults(func=_cmd_pretune)
 
@@ -244,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--cache", default=None, help="tuning cache path or URL ('none': memory only)")
     rep.add_argument("--candidates", default=None, help="comma-separated family names (default: all)")
     rep.add_argument("--mode", default="interpolate", choices=["interpolate", "relu"])
+    _add_deployment_arg(rep)
     rep.add_argument("--min-sqnr", type=float, default=None, help="per-layer accuracy floor in dB")
     rep.add_argument("--min-cosine", type=float, default=None,
                      help="model-level accuracy budget in (0, 1]: every floating output's mean per-sample cosine to "

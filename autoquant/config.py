@@ -19,9 +19,13 @@ from typing import Any, Literal
 
 from .bench import BenchConfig
 
-__all__ = ["CostModel", "TuneConfig", "check_min_cosine"]
+__all__ = ["DEPLOYMENTS", "CostModel", "TuneConfig", "check_deployment", "check_min_cosine"]
 
 CostKind = Literal["relu", "interpolate"]
+# How the tuned model will run on a GPU: "eager" (finalized layers called through Python, one
+# launch after another) or "graphs" (captured in CUDA graphs, or torch.compile(mode=
+# "reduce-overhead")). See TuneConfig.deployment.
+DEPLOYMENTS = ("eager", "graphs")
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,18 @@ class TuneConfig:
     inputs, stays at or above it. The budget solver aims at `budget_margin` times the allowed
     drop (1 - min_cosine), leaving room for inputs that were not recorded; what is verified is
     the budget itself. `verify_rounds` bounds the solve-and-verify rounds after the first miss;
-    `verify_calls` the model calls kept (inputs and float outputs) for verification."""
+    `verify_calls` the model calls kept (inputs and float outputs) for verification.
+
+    `deployment` is how the tuned model will run on a GPU, and so what a candidate's cost is there:
+    "eager" (the default: a finalized layer runs eagerly through Python, so each candidate is timed
+    as synchronized eager calls, host time included, ``Timed.EAGER``; the cost model's fusion
+    stand-ins do not apply, eager calls do not fuse) or "graphs" (the model is captured in CUDA
+    graphs or compiled with mode="reduce-overhead": candidates are timed as CUDA-graph replays, GPU
+    time only, under `cost_model`; a candidate that cannot be captured is timed eagerly and costs
+    that). The default is "eager" because that is how a finalized model runs unless its user
+    captures or compiles it, and on a GPU the two disagree (an eager call of a Triton-backed layer
+    costs many times its graph replay at M=1: benchmarks/results/gpu/h200-2026-11-30/report.md).
+    On a CPU every timed call is already eager: the setting is accepted and changes nothing."""
 
     cost_model: CostModel = field(default_factory=CostModel)
     min_sqnr: float | None = None
@@ -86,8 +101,10 @@ class TuneConfig:
     budget_margin: float = 0.8
     verify_rounds: int = 4
     verify_calls: int = 16
+    deployment: str = "eager"
 
     def __post_init__(self) -> None:
+        check_deployment(self.deployment)
         if self.min_sqnr is not None and not isinstance(self.min_sqnr, (int, float)):
             raise ValueError(f"min_sqnr must be a number of dB or None, got {self.min_sqnr!r}")
         if self.min_cosine is not None:
@@ -124,7 +141,22 @@ class TuneConfig:
             budget_margin=data.get("budget_margin", 0.8),
             verify_rounds=data.get("verify_rounds", 4),
             verify_calls=data.get("verify_calls", 16),
+            deployment=data.get("deployment", "eager"),
         )
+
+
+def check_deployment(value: object) -> str:
+    """`value` as a deployment name, or a ValueError saying which ones exist.
+
+    >>> check_deployment("graphs")
+    'graphs'
+    """
+    if value not in DEPLOYMENTS:
+        raise ValueError(
+            f"deployment={value!r} is not a deployment: use 'eager' (the tuned model runs eagerly, "
+            "the default) or 'graphs' (you capture it in CUDA graphs or torch.compile it with "
+            "mode='reduce-overhead')")
+    return str(value)
 
 
 def check_min_cosine(value: object) -> float:

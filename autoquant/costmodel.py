@@ -3,6 +3,12 @@
 - ``relu``: a candidate's op cost is its RELU-wrapped time.
 - ``interpolate(c)``: dynamic-activation schemes cost ``c * t_full + (1 - c) * t_matmul``; the rest
   cost ``t_full``.
+- On CUDA, the deployment (``TuneConfig.deployment``) decides what is timed: "eager" times every
+  candidate as synchronized eager calls (``Timed.EAGER``) and costs that, whatever the cost model:
+  relu and interpolate model the fusion with neighbours a compiled model gets, and eager calls do
+  not fuse. "graphs" times the parts above as CUDA-graph replays; a candidate that cannot be
+  captured has an EAGER figure instead (``fallback_parts``), and costs that. On a CPU, FULL already
+  is an eager call: the deployment changes nothing there.
 - A layer's cost is the count-weighted mean of its op costs.
 - The winner is the cheapest candidate that passes the accuracy floor; candidates within the
   measured noise of the cheapest are a tie, broken by higher SQNR, then fewer packed bytes, then the
@@ -17,7 +23,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import CostModel
@@ -29,6 +35,7 @@ __all__ = [
     "Cost",
     "Option",
     "Prediction",
+    "fallback_parts",
     "hopeless_prediction",
     "is_tie",
     "op_cost",
@@ -37,6 +44,8 @@ __all__ = [
     "primary_part",
     "probe_rows",
     "timed_parts",
+    "timing_path",
+    "usable_parts",
     "weighted_cost",
 ]
 
@@ -49,8 +58,31 @@ class Cost:
     spread: float = 0.0
 
 
-def timed_parts(cost_model: CostModel, dynamic_activation: bool) -> tuple[Timed, ...]:
-    """What must be measured for one candidate under `cost_model`."""
+def timing_path(device: str, deployment: str) -> str:
+    """"eager" where candidates are timed as synchronized eager calls (a CUDA device deployed
+    eagerly), "graphs" where as CUDA-graph replays (CUDA, deployed in graphs), "cpu" elsewhere
+    (FULL is an eager call there). `device` is a device type ("cpu", "cuda").
+
+    >>> timing_path("cuda", "eager"), timing_path("cuda", "graphs"), timing_path("cpu", "graphs")
+    ('eager', 'graphs', 'cpu')
+    """
+    if device != "cuda":
+        return "cpu"
+    if deployment not in ("eager", "graphs"):
+        raise ValueError(f"deployment={deployment!r}: use 'eager' or 'graphs'")
+    return deployment
+
+
+def timed_parts(cost_model: CostModel, dynamic_activation: bool, *, device: str = "cpu",
+                deployment: str = "eager") -> tuple[Timed, ...]:
+    """What must be measured for one candidate under `cost_model` on a `device` of that type
+    deployed as `deployment` (CUDA eager: the eager call alone; elsewhere the cost model's parts).
+
+    >>> timed_parts(CostModel(), True, device="cuda"), timed_parts(CostModel(), True)
+    ((<Timed.EAGER: 'eager'>,), (<Timed.FULL: 'full'>, <Timed.MATMUL: 'matmul'>))
+    """
+    if timing_path(device, deployment) == "eager":
+        return (Timed.EAGER,)
     if cost_model.kind == "relu":
         return (Timed.RELU,)
     if dynamic_activation:
@@ -58,13 +90,39 @@ def timed_parts(cost_model: CostModel, dynamic_activation: bool) -> tuple[Timed,
     return (Timed.FULL,)
 
 
-def primary_part(cost_model: CostModel) -> Timed:
-    """The part every candidate has under `cost_model`, what screening and prediction compare."""
+def fallback_parts(device: str = "cpu", deployment: str = "eager") -> tuple[Timed, ...]:
+    """What a candidate that cannot be captured in a CUDA graph is timed as instead of its
+    `timed_parts`: (EAGER,) on CUDA deployed in graphs, so that the row says which path ran;
+    () elsewhere (nothing is captured)."""
+    return (Timed.EAGER,) if timing_path(device, deployment) == "graphs" else ()
+
+
+def usable_parts(cost_model: CostModel, dynamic_activation: bool, have: Collection[Timed], *,
+                 device: str = "cpu", deployment: str = "eager") -> tuple[Timed, ...] | None:
+    """The parts a candidate's cost comes from, given the parts `have` measured: its
+    `timed_parts` when all are there, else its `fallback_parts` when those are, else None."""
+    for parts in (timed_parts(cost_model, dynamic_activation, device=device, deployment=deployment),
+                  fallback_parts(device, deployment)):
+        if parts and all(p in have for p in parts):
+            return parts
+    return None
+
+
+def primary_part(cost_model: CostModel, *, device: str = "cpu", deployment: str = "eager") -> Timed:
+    """The part every candidate has under `cost_model` (and the timing path), what screening and
+    prediction compare."""
+    if timing_path(device, deployment) == "eager":
+        return Timed.EAGER
     return Timed.RELU if cost_model.kind == "relu" else Timed.FULL
 
 
 def op_cost(cost_model: CostModel, dynamic_activation: bool, parts: Mapping[Timed, Measurement]) -> Cost:
-    """The cost of one candidate on one op from its measured parts (all of `timed_parts`)."""
+    """The cost of one candidate on one op from its measured parts (all of `timed_parts`, or of
+    `fallback_parts`). An EAGER figure is the cost as it is, under any cost model: eager calls do
+    not fuse with their neighbours, so neither relu nor interpolate applies to them."""
+    if Timed.EAGER in parts:
+        m = parts[Timed.EAGER]
+        return Cost(m.median_s, m.spread)
     if cost_model.kind == "relu":
         m = parts[Timed.RELU]
         return Cost(m.median_s, m.spread)

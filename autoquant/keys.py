@@ -74,11 +74,16 @@ class Timed(str, enum.Enum):
     FULL: the whole installed op, activation quantization included.
     MATMUL: for dynamic-activation schemes, the matmul alone on an already quantized activation.
     RELU: relu(op(relu(x))), the `relu` cost model's stand-in for fusion with neighbours.
+    EAGER: on CUDA, the whole installed op called eagerly through Python, host time included
+    (synchronized calls timed with the host clock), which is what a finalized layer costs in a
+    model that is not compiled or graph-captured. FULL, MATMUL and RELU are CUDA-graph replays on
+    CUDA (GPU time only); on a CPU, FULL is already an eager call and EAGER is never timed.
     """
 
     FULL = "full"
     MATMUL = "matmul"
     RELU = "relu"
+    EAGER = "eager"
 
 
 @dataclass(frozen=True, order=True)

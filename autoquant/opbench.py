@@ -25,7 +25,7 @@ from .bench import BenchJob, Timer, cuda_context_broken, is_sticky_cuda_error, m
 from .candidates import Candidate, QuantizedLinear, is_baseline
 from .candidates._cpu_ops import PREPACK_CACHE
 from .config import TuneConfig
-from .costmodel import Cost, Prediction, op_cost, primary_part, timed_parts
+from .costmodel import Cost, Prediction, fallback_parts, op_cost, primary_part, timed_parts
 from .keys import BenchKey, Measurement, OpShape, Timed
 
 __all__ = [
@@ -119,7 +119,7 @@ _MAX_COPIES = 256
 # half of what the reference machine shows (BenchConfig.cold_bytes' notes: a 1 MiB weight read
 # cold adds about 0.1 ms to a call, ~10 GB/s).
 _SLOW_MEMORY_BYTES_PER_S = 5e9
-_PART_ORDER = {Timed.FULL: 0, Timed.RELU: 1, Timed.MATMUL: 2}
+_PART_ORDER = {Timed.FULL: 0, Timed.EAGER: 0, Timed.RELU: 1, Timed.MATMUL: 2}
 
 
 def _plain_linear(weight: Tensor, bias: Tensor | None) -> torch.nn.Linear:
@@ -219,7 +219,7 @@ def _jobs_for(
     jobs = []
     for part in parts:
         key = bench_key(env_hash, cand, op, part)
-        if part is Timed.FULL:
+        if part is Timed.FULL or part is Timed.EAGER:  # the same call; the timer times it by its label
             fn = _rotating(modules, xs)
         elif part is Timed.RELU:
             fn = _rotating([lambda x, m=m: torch.relu(m(torch.relu(x))) for m in modules], xs)
@@ -231,6 +231,12 @@ def _jobs_for(
             fn = _rotating([lambda _x, mm=mm: mm() for mm in mms], [x0])
         jobs.append(BenchJob(key, fn, calls=len(modules)))
     return jobs
+
+
+def _can_capture(timer: Timer, job: BenchJob, device: torch.device) -> bool:
+    """Whether the timer can capture `job` in a CUDA graph (timers without the method: yes)."""
+    method = getattr(timer, "can_capture", None)
+    return bool(method(job, device)) if callable(method) else True
 
 
 def _cold_bytes(timer: Timer, device: torch.device) -> int:
@@ -298,7 +304,11 @@ def _inputs(op: OpShape, device: torch.device) -> list[Tensor]:
 
 
 class OpBench:
-    """The candidates of one op, built once and checked; `cold_jobs` gives them weight copies."""
+    """The candidates of one op, built once and checked; `cold_jobs` gives them weight copies.
+
+    What each candidate is timed as follows the timing path (``costmodel.timing_path``): on CUDA
+    deployed in graphs, a candidate whose call cannot be captured (``Timer.can_capture``) is in
+    `uncaptured` and is timed as ``Timed.EAGER`` instead, so its rows say which path ran."""
 
     def __init__(self, op: OpShape, env_hash: str, device: torch.device, timer: Timer, config: TuneConfig,
                  trials: dict[Candidate, Trial]) -> None:
@@ -310,13 +320,22 @@ class OpBench:
         self.owners: dict[BenchKey, Candidate] = {}
         self.first_calls: dict[Candidate, float] = {}  # seconds of each one's first full-size call
         self.probe_s: dict[Candidate, float] = {}  # seconds per call at each one's largest probe so far
+        self.path = {"device": device.type, "deployment": config.deployment}
+        self.uncaptured: set[Candidate] = set()
 
     def parts(self, cand: Candidate) -> list[Timed]:
-        return list(timed_parts(self.config.cost_model, cand.dynamic_activation))
+        if cand in self.uncaptured:
+            return list(fallback_parts(**self.path))
+        return list(timed_parts(self.config.cost_model, cand.dynamic_activation, **self.path))
 
     @property
     def primary(self) -> Timed:
-        return primary_part(self.config.cost_model)
+        """The part the op's candidates are compared on (a candidate in `uncaptured` has its
+        fallback instead: see `primary_of`)."""
+        return primary_part(self.config.cost_model, **self.path)
+
+    def primary_of(self, cand: Candidate) -> Timed:
+        return self.parts(cand)[0] if cand in self.uncaptured else self.primary
 
     def fail(self, cand: Candidate, exc: BaseException) -> None:
         check_fatal(exc, self.device, f"running {cand.name}")
@@ -335,10 +354,18 @@ class OpBench:
                 if is_baseline(cand):
                     module: torch.nn.Module = _plain_linear(self.weight, self.bias)
                 else:
-                    module = cand.build(self.weight, self.bias, packed=shared.get(fmt) if fmt else None)
+                    # Calibrated candidates (int8_smooth) get the synthetic input's own statistics:
+                    # timing does not depend on their values.
+                    module = cand.build(self.weight, self.bias, packed=shared.get(fmt) if fmt else None,
+                                        act_absmax=self.xs[0].abs().amax(dim=0).float() if cand.calibrated else None)
                 with torch.no_grad():
                     _check_output(module, self.xs[0], self.op)
                 jobs = _jobs_for(cand, self.op, self.env_hash, self.parts(cand), [module], self.xs)
+                if fallback_parts(**self.path) and not all(_can_capture(self.timer, j, self.device) for j in jobs):
+                    self.uncaptured.add(cand)  # timed eagerly, and labelled so
+                    log.info("%s on %s cannot be captured in a CUDA graph: timed as eager calls",
+                             cand.name, self.op.label())
+                    jobs = _jobs_for(cand, self.op, self.env_hash, self.parts(cand), [module], self.xs)
             except Exception as exc:  # a failing candidate never takes tuning down
                 self.fail(cand, exc)
                 continue
@@ -374,7 +401,7 @@ class OpBench:
         xs = self.xs if rows is None else _inputs(op, self.device)
         jobs: list[BenchJob] = []
         for cand in [c for c in cands if c in self.built]:
-            parts = self.parts(cand) if rows is None else [self.primary]
+            parts = self.parts(cand) if rows is None else [self.primary_of(cand)]
             try:
                 # a probe's copies follow the candidate's time at the probe below (a lower bound)
                 k = self.copies_of(cand, n) if rows is None else self._copies(cand, n, self.probe_s.get(cand))
@@ -387,10 +414,10 @@ class OpBench:
         return _by_part(jobs)
 
     def first_job(self, cand: Candidate) -> BenchJob:
-        return _jobs_for(cand, self.op, self.env_hash, [self.primary], [self.built[cand]], self.xs)[0]  # type: ignore[list-item]
+        return _jobs_for(cand, self.op, self.env_hash, [self.primary_of(cand)], [self.built[cand]], self.xs)[0]  # type: ignore[list-item]
 
     def key(self, cand: Candidate, rows: int) -> BenchKey:
-        return bench_key(self.env_hash, cand, replace(self.op, m=rows), self.primary)
+        return bench_key(self.env_hash, cand, replace(self.op, m=rows), self.primary_of(cand))
 
     def cost(self, cand: Candidate, measured: dict[BenchKey, Measurement]) -> float | None:
         parts = {k.timed: v for k, v in measured.items() if self.owners.get(k) is cand}

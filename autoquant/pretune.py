@@ -62,13 +62,15 @@ def pretune(
     profile: ShapeProfile, store: Store, *, candidates: Sequence[Any] | None = None,
     device: torch.device | str | None = None, mode: Any = ("interpolate", 0.85),
     timer: Timer | None = None, bench: BenchConfig | None = None, progress: bool = True,
+    deployment: str = "eager",
 ) -> PretuneSummary:
     """Time every candidate on every op of `profile` on `device` (default: cuda if present)
-    with synthetic weights, writing the measurements to `store`."""
+    with synthetic weights, writing the measurements to `store`. `deployment`: what a GPU times,
+    for models run eagerly ("eager") or in CUDA graphs ("graphs"); see TuneConfig.deployment."""
     from .api import _candidates_for, _parse_candidates  # noqa: PLC0415 - shared candidate rules
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = TuneConfig(cost_model=CostModel.parse(mode), bench=bench or BenchConfig())
+    config = TuneConfig(cost_model=CostModel.parse(mode), bench=bench or BenchConfig(), deployment=deployment)
     chosen = _parse_candidates(candidates)
     ops = {op: _candidates_for(op, dev, chosen) for op, _ in profile.ops if op.m > 0}
     env = environment(dev)

@@ -56,11 +56,19 @@ def _options(scheme: str | Candidate, params: dict[str, Any], device: torch.devi
     return list(dict.fromkeys(out)) or [candidate_from_json(scheme, params)]
 
 
-def _from_cache(store: Any, env_hash: str, runnable: list[Candidate], op: OpShape) -> Candidate | None:
-    keys = {c: BenchKey(env_hash, c.family, c.params_json(), c.version, op, Timed.FULL) for c in runnable}
-    found = store.get_many(keys.values()) if keys else {}
-    timed = [(found[k].median_s, i, c) for i, (c, k) in enumerate(keys.items()) if k in found]
-    return min(timed)[2] if timed else None
+def _from_cache(store: Any, env_hash: str, runnable: list[Candidate], op: OpShape,
+                device: str = "cpu") -> Candidate | None:
+    """The cached fastest of `runnable` on `op`. Figures of one timed path are compared: on CUDA
+    the eager calls a quantized model makes (``Timed.EAGER``), else, where the cache has none,
+    graph replays (FULL); on a CPU, FULL (an eager call there)."""
+    parts = (Timed.EAGER, Timed.FULL) if device == "cuda" else (Timed.FULL,)
+    for part in parts:
+        keys = {c: BenchKey(env_hash, c.family, c.params_json(), c.version, op, part) for c in runnable}
+        found = store.get_many(keys.values()) if keys else {}
+        timed = [(found[k].median_s, i, c) for i, (c, k) in enumerate(keys.items()) if k in found]
+        if timed:
+            return min(timed)[2]
+    return None
 
 
 def quantize(
@@ -84,6 +92,12 @@ def quantize(
     root = _root(model)
     if hasattr(root, _SESSION_ATTR) or hasattr(root, _REPORT_ATTR):
         raise RuntimeError("this model was already given to autoquant / quantize: start from the float model")
+    family = scheme if isinstance(scheme, Candidate) else get_family(scheme)
+    if family.calibrated:  # quantize runs no forward, so it has no activation statistics to read
+        raise ValueError(f"quantize: {scheme if isinstance(scheme, str) else scheme.name} is calibrated on the "
+                         "activations each layer sees, and quantize runs no forward: use autoquant(model, "
+                         "example_input, candidates=[...]) (which records them), or apply_plan with a plan "
+                         "saved from such a model")
     started = time.perf_counter()
     layers, skipped = _select_layers(root, filter_fn)
     store, problem = _store_for(cache, False) if cache is not None else (None, None)
@@ -99,7 +113,7 @@ def quantize(
         reasons = {c: c.supports(w.device, op) for c in options}
         runnable = [c for c, r in reasons.items() if r is None]
         plan = LayerPlan(name=name, ops={}, status="")
-        chosen = _from_cache(store, envs[w.device].hash, runnable, op) if store is not None else None
+        chosen = _from_cache(store, envs[w.device].hash, runnable, op, w.device.type) if store is not None else None
         if chosen is not None:
             plan.status = f"quantized: fastest cached {chosen.family} kernel at M={m}"
         elif runnable:

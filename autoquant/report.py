@@ -7,7 +7,11 @@ counts M the finalized layer has run on that the warm run never showed, with cal
 column per candidate holding its cost in µs or the reason it has none. ``to_long_frame()`` has one row per
 (layer, candidate). ``to_ops_frame()`` has one row per (op, candidate): how tuning treated it, its
 cost predicted from probes at fewer rows, its first full-size call and its measured cost, so a
-skipped candidate shows why it was never timed.
+skipped candidate shows why it was never timed. The ops and long frames' ``timed`` column says
+which timed path each cost came from (``full``, ``full+matmul``, ``relu``: CUDA-graph replays on a
+GPU, eager calls on a CPU; ``eager``: synchronized eager calls on a GPU, marked "not capturable"
+where graphs were wanted and the candidate could not be captured), and the summary states the
+deployment the plan was selected for.
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ def _nearest_note(plan: Any) -> str:
     return " (planned from the nearest measured M: " + ", ".join(f"M={m} from M={f}" for m, f in pairs) + ")"
 
 
+def _timed(trial: Any, deployment: str) -> str:
+    """Which timed path `trial`'s cost came from: its parts' names joined ('full+matmul',
+    'eager'); an EAGER cost where graph replays were wanted says it is the fallback."""
+    names = "+".join(p.value for p in trial.parts)
+    if deployment == "graphs" and names == "eager":
+        return "eager (not capturable: graph replay failed)"
+    return names
+
+
 def _weighted_prediction(ops: dict, per_op: dict) -> float:
     """Count-weighted mean, in µs, of the predicted cost over the ops that have one (NaN: none)."""
     pairs = [(per_op[op].prediction.point, n) for op, n in ops.items()
@@ -79,6 +92,21 @@ class TuningReport:
     unseen_after: dict[str, dict[int, int]] = field(default_factory=dict)
     # With min_cosine: the budget, the verified cosines and the protected layers.
     accuracy: "BudgetResult | None" = None
+    # TuneConfig.deployment: how the plan's costs were timed on a GPU ("eager" or "graphs").
+    deployment: str = "eager"
+
+    def timing_note(self) -> str:
+        """What the plan's costs are: per device kind, the timed path the selection compared."""
+        kinds = {e.device_kind for e in self.environments}
+        notes = []
+        if "cuda" in kinds:
+            notes.append("selected for deployment 'eager' (GPU costs: synchronized eager calls, host time "
+                         "included)" if self.deployment == "eager" else
+                         "selected for deployment 'graphs' (GPU costs: CUDA-graph replays; eager calls where a "
+                         "candidate could not be captured)")
+        if kinds - {"cuda"}:
+            notes.append("CPU costs: eager calls (deployment has no effect on a CPU)")
+        return "; ".join(notes) or f"deployment '{self.deployment}'"
 
     def _unseen(self, name: str) -> str:
         seen = self.unseen_after.get(name)
@@ -149,6 +177,7 @@ class TuningReport:
                     "cached": bool(r.per_op) and all(t.cached for t in r.per_op.values()),
                     "skipped": any(t.skipped for t in r.per_op.values()),
                     "predicted_us": _weighted_prediction(plan.ops, r.per_op),
+                    "timed": "; ".join(sorted({_timed(t, self.deployment) for t in r.per_op.values() if t.parts})),
                 })
         return pd.DataFrame(rows)
 
@@ -156,7 +185,8 @@ class TuningReport:
         """One row per (op, candidate), each op once however many layers share it: `status`
         (measured, cached, skipped, set aside, or why it was not run), `predicted_us` (the probes'
         best guess at full size) and `predicted_low_us` (the bound skipping trusts), `first_call_us`
-        (its first full-size call), `cost_us` and `samples` (what the cost rests on)."""
+        (its first full-size call), `cost_us` and `samples` (what the cost rests on), `timed` (the
+        timed path the cost came from; see the module doc)."""
         seen: dict[tuple[Any, str], dict[str, Any]] = {}
         for plan in self.layers:
             for r in plan.rows:
@@ -171,6 +201,7 @@ class TuningReport:
                         "predicted_low_us": _us(t.prediction.low if t.prediction else None),
                         "first_call_us": _us(t.first_call_s), "cost_us": _us(t.cost.value if t.cost else None),
                         "samples": part.samples if part is not None else 0,
+                        "timed": _timed(t, self.deployment),
                     }
         return pd.DataFrame(list(seen.values()))
 
@@ -203,7 +234,7 @@ class TuningReport:
         chosen = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
         mode = self.cost_model.kind + (f"({self.cost_model.c})" if self.cost_model.kind == "interpolate" else "")
         text = (f"autoquant: {len(self.layers)} layers in {self.seconds:.1f}s on {envs}; cost model {mode}; "
-                f"chosen: {chosen or 'nothing'}; cache: {self.cache}")
+                f"chosen: {chosen or 'nothing'}; cache: {self.cache}\n  {self.timing_note()}")
         if self.accuracy is not None:
             text += "\n  " + self.accuracy.summary()
         if self.unseen_after:

@@ -3,6 +3,12 @@ would cost seconds per full-size call; probes at fewer rows predict each candida
 one predicted beyond ``hopeless_factor`` times the best is skipped, never timed at full size and
 never stored as a measurement. The probes are stored (they are measurements of their own
 shapes), so a warm cache reaches the same decisions without timing anything.
+
+Screening compares like with like: a candidate's first call (``Timer.quick``) and its probes are
+timed on the path its rows will say (on CUDA: synchronized eager calls for ``Timed.EAGER``, graph
+replays for the graph parts), and compared with the best figure of the op's primary part; a
+candidate that cannot be captured where graphs are wanted is timed and stored as EAGER, as its
+cost is (``costmodel.fallback_parts``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import replace
 
 from .candidates import Candidate, is_baseline
 from .config import TuneConfig
-from .costmodel import Prediction, hopeless_prediction, predict, primary_part, probe_rows
+from .costmodel import Prediction, fallback_parts, hopeless_prediction, predict, primary_part, probe_rows
 from .keys import BenchKey, Measurement, OpShape, Timed
 from .opbench import OpBench, Trial, bench_key, check_fatal, measure_jobs
 
@@ -182,26 +188,36 @@ def _seconds(s: float) -> str:
 
 
 def probe_keys(ops: Mapping[OpShape, Sequence[Candidate]], results: Mapping[OpShape, Mapping[Candidate, Trial]],
-                env_hash: str, config: TuneConfig) -> list[BenchKey]:
+                env_hash: str, config: TuneConfig, device: str = "cpu") -> list[BenchKey]:
     """Cache keys of the probes (same op at fewer rows) of every candidate that can run."""
     if config.hopeless_factor <= 0:
         return []
-    part = primary_part(config.cost_model)
+    parts = _probe_parts(config, device)
     return [bench_key(env_hash, cand, replace(op, m=m), part)
             for op, cands in ops.items() for m in probe_rows(op.m)
-            for cand in cands if results[op][cand].reason is None]
+            for cand in cands if results[op][cand].reason is None for part in parts]
+
+
+def _probe_parts(config: TuneConfig, device: str) -> tuple[Timed, ...]:
+    """The part probes are stored under: the primary part, then the fallback (EAGER, on CUDA
+    deployed in graphs) of a candidate that could not be captured."""
+    path = {"device": device, "deployment": config.deployment}
+    return (primary_part(config.cost_model, **path), *fallback_parts(**path))
 
 
 def skipped_by_cache(op: OpShape, trial: Trial, found: Mapping[BenchKey, Measurement], env_hash: str,
-                      config: TuneConfig) -> bool:
+                      config: TuneConfig, device: str = "cpu") -> bool:
     """Whether the cache alone rules `trial`'s candidate out on `op`: its cached probes predict it
     beyond `hopeless_factor` times the best cached figure of the op (so a warm cache times nothing,
     though skipped candidates are never stored). Marks the trial skipped if so."""
     if config.hopeless_factor <= 0 or not probe_rows(op.m) or is_baseline(trial.candidate):
         return False
-    part = primary_part(config.cost_model)
-    best = best_known(found, op, part)
-    rows = _probe_rows_of(found, lambda m: bench_key(env_hash, trial.candidate, replace(op, m=m), part), op)
+    primary, *fallback = _probe_parts(config, device)
+    best = best_known(found, op, primary)
+    rows: list[tuple[int, float]] = []
+    for part in (primary, *fallback):  # an uncapturable candidate's probes are its fallback's
+        rows = rows or _probe_rows_of(
+            found, lambda m, part=part: bench_key(env_hash, trial.candidate, replace(op, m=m), part), op)
     p = hopeless_prediction(rows, op.m, config.hopeless_factor, best)
     if p is None:
         return False

@@ -31,9 +31,9 @@ import torch
 from .bench import BenchJob, Timer
 from .candidates import Candidate
 from .config import TuneConfig
-from .costmodel import op_cost, timed_parts
+from .costmodel import fallback_parts, op_cost, timed_parts, usable_parts
 from .hardware import Environment, environment
-from .keys import BenchKey, Measurement, OpShape
+from .keys import BenchKey, Measurement, OpShape, Timed
 from .opbench import (DeviceFault, OpBench, Trial, _by_part, bench_key, check_fatal, copies_per_candidate,
                       measure_jobs, return_freed_memory)
 from .opbench import _clones, _jobs_for, _read_bytes, _state_bytes  # noqa: F401 - tests and benchmarks import them here
@@ -101,6 +101,12 @@ def _bench_op(
     known = known or {}
     bench = OpBench(op, env_hash, device, timer, config, trials)
     bench.build(cands)
+    for cand in list(bench.uncaptured):  # its fallback (EAGER) figures are cached: nothing to time
+        keys = [bench_key(env_hash, cand, op, p) for p in bench.parts(cand)]
+        if cand in bench.built and all(k in known for k in keys):
+            del bench.built[cand]
+            for k in keys:
+                bench.owners.pop(k, None)
     built_s = time.perf_counter() - started
     screen = Screen(bench, known)
     screen.run()
@@ -198,8 +204,10 @@ def tune_ops(
         raise ValueError(f"on_miss={on_miss!r}: use one of {ON_MISS}")
     env = env or environment(device)
     env_hash = env.hash
+    path = {"device": device.type, "deployment": config.deployment}
     results: dict[OpShape, dict[Candidate, Trial]] = {}
     wanted: dict[BenchKey, tuple[OpShape, Candidate]] = {}
+    alternates: list[BenchKey] = []  # what an uncapturable candidate has instead (fallback_parts)
     for op, cands in ops.items():
         trials = results.setdefault(op, {})
         for cand in cands:
@@ -208,14 +216,15 @@ def tune_ops(
             if reason is not None:
                 trial.reason = reason
                 continue
-            for part in timed_parts(config.cost_model, cand.dynamic_activation):
+            for part in timed_parts(config.cost_model, cand.dynamic_activation, **path):
                 wanted[bench_key(env_hash, cand, op, part)] = (op, cand)
-    found = store.get_many(list(wanted) + probe_keys(ops, results, env_hash, config))
+            alternates += [bench_key(env_hash, cand, op, part) for part in fallback_parts(**path)]
+    found = store.get_many(list(wanted) + alternates + probe_keys(ops, results, env_hash, config, device.type))
     todo: dict[OpShape, list[Candidate]] = {}
-    for key, (op, cand) in wanted.items():
-        if key in found or cand in todo.get(op, []):
+    for op, cand in wanted.values():
+        if cand in todo.get(op, []) or _parts_found(found, env_hash, op, cand, config, path, False) is not None:
             continue
-        if not skipped_by_cache(op, results[op][cand], found, env_hash, config):
+        if not skipped_by_cache(op, results[op][cand], found, env_hash, config, device.type):
             todo.setdefault(op, []).append(cand)
     if todo and on_miss == "error":
         pairs = [(op, c) for op, cs in todo.items() for c in cs]
@@ -231,7 +240,7 @@ def tune_ops(
                 results[op][c].reason = "not in the tuning cache (on_miss='baseline')"
         todo = {}
     if todo and on_miss == "nearest":
-        _from_nearest_m(todo, results, store, env_hash, config)
+        _from_nearest_m(todo, results, store, env_hash, config, device.type)
         todo = {}
     if todo:
         return_freed_memory()  # the warm run's and the cache lookup's leftovers, before any build
@@ -252,10 +261,9 @@ def tune_ops(
         for cand, trial in trials.items():
             if trial.reason is not None or trial.from_m is not None:
                 continue
-            parts_needed = timed_parts(config.cost_model, cand.dynamic_activation)
-            keys = [bench_key(env_hash, cand, op, p) for p in parts_needed]
-            if all(k in found for k in keys):
-                trial.parts = {p: found[k] for p, k in zip(parts_needed, keys)}
+            parts = _parts_found(found, env_hash, op, cand, config, path, True)
+            if parts is not None:
+                trial.parts = parts
                 trial.cost = op_cost(config.cost_model, cand.dynamic_activation, trial.parts)
                 trial.cached = cand not in todo.get(op, [])
             else:
@@ -263,8 +271,26 @@ def tune_ops(
     return results
 
 
+def _parts_found(found: Mapping[BenchKey, Measurement], env_hash: str, op: OpShape, cand: Candidate,
+                 config: TuneConfig, path: Mapping[str, str], fallback: bool) -> dict[Timed, Measurement] | None:
+    """`cand`'s measured parts on `op` among `found`, the ones its cost comes from: its timed
+    parts, else (`fallback`) the parts an uncapturable candidate is timed as instead
+    (``usable_parts``); None when no such set is complete.
+
+    A cache lookup passes ``fallback=False``: an EAGER row may come from a run deployed eagerly,
+    so under "graphs" only the capture check (made when the op is built, timing nothing) tells
+    that a candidate without graph rows cannot be captured."""
+    have = {p: m for p in Timed if (m := found.get(bench_key(env_hash, cand, op, p))) is not None}
+    if fallback:
+        parts = usable_parts(config.cost_model, cand.dynamic_activation, have, **path)
+    else:
+        wanted = timed_parts(config.cost_model, cand.dynamic_activation, **path)
+        parts = wanted if all(p in have for p in wanted) else None
+    return None if parts is None else {p: have[p] for p in parts}
+
+
 def _from_nearest_m(todo: Mapping[OpShape, Sequence[Candidate]], results: dict[OpShape, dict[Candidate, Trial]],
-                    store: Store, env_hash: str, config: TuneConfig) -> None:
+                    store: Store, env_hash: str, config: TuneConfig, device: str = "cpu") -> None:
     """on_miss="nearest": give each missing (op, candidate) the figures measured for the same
     layer shape at the nearest M the cache has (nearest on a log scale, the larger on a tie),
     recorded in ``Trial.from_m``; where no M has them, the candidate is out with a reason. Times
@@ -272,16 +298,17 @@ def _from_nearest_m(todo: Mapping[OpShape, Sequence[Candidate]], results: dict[O
     for op, cands in todo.items():
         ms = sorted(store.measured_ms(env_hash, op.k, op.n, op.bias, op.dtype) - {op.m},
                     key=lambda m: (abs(math.log(m / op.m)), -m)) if op.m > 0 else []
-        parts = {c: timed_parts(config.cost_model, c.dynamic_activation) for c in cands}
+        path = {"device": device, "deployment": config.deployment}
+        parts = {c: timed_parts(config.cost_model, c.dynamic_activation, **path) for c in cands}
         left = list(cands)
         for m in ms[:8]:
             near = OpShape(m, op.k, op.n, op.bias, op.dtype)
             keys = {c: [bench_key(env_hash, c, near, p) for p in parts[c]] for c in left}
             got = store.get_many([k for ks in keys.values() for k in ks])
             for c in list(left):
-                if all(k in got for k in keys[c]):
+                if (have := _parts_found(got, env_hash, near, c, config, path, False)) is not None:
                     trial = results[op][c]
-                    trial.parts = {p: got[k] for p, k in zip(parts[c], keys[c])}
+                    trial.parts = have
                     trial.cost = op_cost(config.cost_model, c.dynamic_activation, trial.parts)
                     trial.cached, trial.from_m = True, m
                     left.remove(c)

@@ -91,14 +91,22 @@ def graph_us(fn: Callable[[], Any], device: torch.device, samples: int,
 
 
 def library_measurement(fn: Callable[[], Any], device: torch.device, label: str, op: Any) -> dict:
-    """The library harness's Measurement of `fn`, every field it has (its timing path included)."""
+    """The library harness's Measurements of `fn`, every field each has, per timed path: "full"
+    (a CUDA-graph replay of several calls; absent where `fn` cannot be captured) and "eager"
+    (synchronized eager calls, host time included), timed interleaved."""
     from autoquant.bench import BenchConfig, BenchJob, default_timer
     from autoquant.keys import BenchKey, Timed
 
-    key = BenchKey("smoke", label, "{}", 0, op, Timed.FULL)
-    [m] = default_timer(device, BenchConfig(cuda_samples=20, rounds=3)).measure([BenchJob(key, fn)], device)
-    out = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else {"median_s": m.median_s}
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in out.items()}
+    timer = default_timer(device, BenchConfig(cuda_samples=20, rounds=3))
+    jobs = [BenchJob(BenchKey("smoke", label, "{}", 0, op, Timed.EAGER), fn)]
+    full = BenchJob(BenchKey("smoke", label, "{}", 0, op, Timed.FULL), fn)
+    if getattr(timer, "can_capture", lambda job, dev: True)(full, device):
+        jobs.insert(0, full)
+    out = {}
+    for job, m in zip(jobs, timer.measure(jobs, device)):
+        fields = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else {"median_s": m.median_s}
+        out[job.key.timed.value] = {k: (v.value if hasattr(v, "value") else v) for k, v in fields.items()}
+    return out
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -8,6 +8,8 @@ History
   v1  schema_version, environments, measurements without `load_avg` and `host`.
   v2  measurements gain `load_avg` (nullable) and `host` (default ''); shape_profiles added.
   v3  work_claims added (pre-tuning workers' claims on units of work, issue 17).
+  v4  measurements.timed may be 'eager' (CUDA: synchronized eager calls, issue 13); SQLite cannot
+      alter a CHECK constraint, so the table is rebuilt there with its rows and ids.
 
 To change the schema: edit :mod:`.models`, append a migration that turns the previous version into
 the new one (its DDL frozen here, not read from the models, which keep changing), bump
@@ -20,11 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Connection,
     DateTime,
     BigInteger,
     CheckConstraint,
+    Float,
+    ForeignKey,
     Integer,
     MetaData,
     Table,
@@ -48,7 +53,7 @@ __all__ = [
     "newer_schema_error",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Any fixed number: PostgreSQL sessions migrating the same database queue on this advisory lock.
 _PG_MIGRATION_LOCK = 0x6175746F71  # "autoq"
 
@@ -92,9 +97,60 @@ def _v2_to_v3(conn: Connection) -> None:
     ).create(conn)
 
 
+_TIMED_V4 = "timed IN ('full', 'matmul', 'relu', 'eager')"
+
+
+def _v3_to_v4(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # By name where create_all made it; a v1 file's inline check got PostgreSQL's own name.
+        old = conn.execute(text(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'measurements'::regclass AND contype = 'c' "
+            "AND pg_get_constraintdef(oid) LIKE '%timed%'")).scalars().all()
+        for name in old:
+            conn.execute(text(f'ALTER TABLE measurements DROP CONSTRAINT "{name}"'))
+        conn.execute(text(f"ALTER TABLE measurements ADD CONSTRAINT ck_measurements_timed CHECK ({_TIMED_V4})"))
+        return
+    # SQLite: create the v4 table beside the old one, copy every row (ids kept), swap the names.
+    frozen = MetaData()
+    Table("environments", frozen, Column("id", Integer, primary_key=True))
+    table = Table(
+        "measurements_v4", frozen,
+        Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+        Column("env_id", ForeignKey("environments.id", ondelete="CASCADE"), nullable=False),
+        Column("candidate", Text, nullable=False),
+        Column("params", Text, nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("m", BigInteger, nullable=False),
+        Column("k", BigInteger, nullable=False),
+        Column("n", BigInteger, nullable=False),
+        Column("bias", Boolean, nullable=False),
+        Column("dtype", Text, nullable=False),
+        Column("timed", Text, nullable=False),
+        Column("median_s", Float, nullable=False),
+        Column("p25_s", Float, nullable=False),
+        Column("p75_s", Float, nullable=False),
+        Column("samples", Integer, nullable=False),
+        Column("load_avg", Float, nullable=True),
+        Column("host", Text, server_default="", nullable=False),
+        Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+        UniqueConstraint("env_id", "candidate", "m", "k", "n", "dtype", "bias", "timed", "params", "version",
+                         name="uq_measurements_key"),
+        CheckConstraint(_TIMED_V4, name="ck_measurements_timed"),
+        CheckConstraint("m >= 0 AND k > 0 AND n > 0", name="ck_measurements_shape"),
+        CheckConstraint("samples >= 1", name="ck_measurements_samples"),
+        CheckConstraint("median_s >= 0 AND p25_s >= 0 AND p75_s >= 0", name="ck_measurements_times"),
+    )
+    table.create(conn)
+    cols = ", ".join(c.name for c in table.columns)
+    conn.execute(text(f"INSERT INTO measurements_v4 ({cols}) SELECT {cols} FROM measurements"))
+    conn.execute(text("DROP TABLE measurements"))
+    conn.execute(text("ALTER TABLE measurements_v4 RENAME TO measurements"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "measurements.load_avg and .host; shape_profiles table", _v1_to_v2),
     Migration(2, "work_claims table", _v2_to_v3),
+    Migration(3, "measurements.timed may be 'eager'", _v3_to_v4),
 )
 assert [m.from_version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION))
 

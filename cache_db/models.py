@@ -88,7 +88,7 @@ class MeasurementRow(Base):
     __tablename__ = "measurements"
     __table_args__ = (
         UniqueConstraint(*MEASUREMENT_KEY_COLUMNS, name="uq_measurements_key"),
-        CheckConstraint("timed IN ('full', 'matmul', 'relu')", name="ck_measurements_timed"),
+        CheckConstraint("timed IN ('full', 'matmul', 'relu', 'eager')", name="ck_measurements_timed"),
         CheckConstraint("m >= 0 AND k > 0 AND n > 0", name="ck_measurements_shape"),
         CheckConstraint("samples >= 1", name="ck_measurements_samples"),
         CheckConstraint("median_s >= 0 AND p25_s >= 0 AND p75_s >= 0",
@@ -105,7 +105,7 @@ class MeasurementRow(Base):
     n: Mapped[int] = mapped_column(BigInteger)
     bias: Mapped[bool] = mapped_column(Boolean)
     dtype: Mapped[str] = mapped_column(Text)
-    timed: Mapped[str] = mapped_column(Text)  # 'full' | 'matmul' | 'relu' (autoquant.keys.Timed)
+    timed: Mapped[str] = mapped_column(Text)  # 'full' | 'matmul' | 'relu' | 'eager' (autoquant.keys.Timed)
     median_s: Mapped[float] = mapped_column(Float)
     p25_s: Mapped[float] = mapped_column(Float)
     p75_s: Mapped[float] = mapped_column(Float)

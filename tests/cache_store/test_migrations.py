@@ -11,7 +11,7 @@ from autoquant.cache_db import CacheUnavailableError, SQLStore
 from autoquant.cache_db.migrations import MIGRATIONS, SCHEMA_VERSION
 from sqlalchemy import create_engine, inspect, text
 
-from autoquant.keys import Measurement, OpShape
+from autoquant.keys import Measurement, OpShape, Timed
 
 from .conftest import CPU_ENV
 from .helpers import figures, key
@@ -83,6 +83,9 @@ def test_v1_database_is_upgraded_with_its_data(store_url: str, tmp_path: Path) -
     store.put_many(CPU_ENV, {key(CPU_ENV, 3): figures(load=1.5)})  # new columns in use
     store.save_profile("p", "fp", {OpShape(1, 8, 8, False, "float32"): 1})
     assert store.get_many([key(CPU_ENV, 3)])[key(CPU_ENV, 3)].load_avg == 1.5
+    eager = key(CPU_ENV, 5, timed=Timed.EAGER)  # v4: the timed check accepts 'eager'
+    store.put_many(CPU_ENV, {eager: figures()})
+    assert eager in store.get_many([eager])
     store.close()
     fresh = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
     SQLStore(fresh).close()

@@ -94,9 +94,9 @@ def test_finalize_frees_each_float_layer_before_building_the_next(monkeypatch):
     alive_at_build: list[int] = []
     real_build = api.build_layer
 
-    def spy(plan, linear):
+    def spy(plan, linear, *args, **kwargs):
         alive_at_build.append(sum(r() is not None for r in refs))
-        return real_build(plan, linear)
+        return real_build(plan, linear, *args, **kwargs)
 
     monkeypatch.setattr(api, "build_layer", spy)
     gc.disable()

@@ -135,6 +135,39 @@ def test_cuda_timer_graph_replay():
     assert big_m.samples == 10 and big_m.median_s > small_m.median_s > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timer needs a GPU")
+def test_cuda_timer_times_each_job_on_the_path_its_key_names():
+    """EAGER: synchronized eager calls, host time included, so above the graph replay of the same
+    call; a call that syncs on the host cannot be captured, and is never timed as a replay."""
+    from autoquant.bench import CaptureError, CudaTimer
+
+    dev = torch.device("cuda")
+    x, w = torch.randn(1, 512, device=dev), torch.randn(512, 512, device=dev)
+    timer = CudaTimer(BenchConfig(cuda_samples=10))
+    graph, eager = timer.measure([BenchJob(key("g", Timed.FULL), lambda: x @ w),
+                                  BenchJob(key("e", Timed.EAGER), lambda: x @ w)], dev)
+    assert eager.median_s > graph.median_s > 0 and graph.samples == eager.samples == 10
+    copies = [torch.randn(512, 512, device=dev) for _ in range(8)]
+    it = iter(range(10**9))
+    cycling = BenchJob(key("c", Timed.FULL), lambda: x @ copies[next(it) % 8], calls=8)
+    assert timer.measure([cycling], dev)[0].median_s > 0  # a graph of up to 8 calls, one per copy
+    syncing = lambda: (x @ w).sum().item()
+    assert not timer.can_capture(BenchJob(key("s"), syncing), dev)
+    with pytest.raises(CaptureError, match="Timed.EAGER"):
+        timer.measure([BenchJob(key("s", Timed.FULL), syncing)], dev)
+    assert timer.measure([BenchJob(key("s", Timed.EAGER), syncing)], dev)[0].median_s > 0
+    assert timer.quick(BenchJob(key("s", Timed.EAGER), syncing), dev) > 0
+
+
+def test_fake_capture_and_counting_timer_pass_the_capture_check_on():
+    fake = FakeTimer(lambda k: 1e-6, capture=lambda k: k.candidate != "syncs")
+    job = lambda name: BenchJob(key(name), lambda: None)
+    counting = CountingTimer(fake)
+    assert counting.can_capture(job("ok"), torch.device("cpu"))
+    assert not counting.can_capture(job("syncs"), torch.device("cpu"))
+    assert CountingTimer(FakeTimer(lambda k: 1e-6)).can_capture(job("syncs"), torch.device("cpu"))
+
+
 def test_cold_target_follows_the_last_level_cache():
     from autoquant.bench import last_level_cache_bytes
 

@@ -77,7 +77,7 @@ def test_error_raised_by_a_kernel_while_building_stops_tuning(monkeypatch):
     """The same when the candidate's own call raises (its output check, before any timing)."""
     cand = Int8Dynamic("onednn")
 
-    def build(self, weight, bias, packed=None):
+    def build(self, weight, bias, packed=None, **_):
         raise RuntimeError(ILLEGAL)
 
     monkeypatch.setattr(type(cand), "build", build)

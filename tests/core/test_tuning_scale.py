@@ -40,6 +40,7 @@ RATES = {
     ("float", "aten", "float16"): (20e9, 2.0),
     ("int8_dynamic", "fbgemm", None): (90e9, 1.0),
     ("int8_dynamic", "onednn", None): (100e9, 1.0),
+    ("int8_smooth", "fbgemm", None): (85e9, 1.0),  # int8_dynamic fbgemm plus a per-channel scale
     ("int8_weight_only", "int8pack", None): (1e9, 1.0),
     ("int4_weight_only", "tinygemm_cpu", 32): (0.5e9, 0.5),
     ("int4_weight_only", "tinygemm_cpu", 64): (0.55e9, 0.5),
