@@ -352,8 +352,9 @@ class _Trials:
     float layers back. Built modules are cached per (layer, choice) and evicted on request."""
 
     def __init__(self, root: nn.Module, layers: Mapping[str, nn.Linear], plans: Mapping[str, LayerPlan],
-                 recorded: RecordedCalls) -> None:
+                 recorded: RecordedCalls, act_absmax: Mapping[str, Tensor] | None = None) -> None:
         self.root, self.layers, self.plans, self.recorded = root, layers, plans, recorded
+        self.act_absmax = dict(act_absmax or {})
         self.built: dict[tuple[str, Candidate | Dispatch], nn.Module] = {}
         self.forwards = 0
 
@@ -365,7 +366,8 @@ class _Trials:
         if key not in self.built:
             lin = self.layers[name]
             try:
-                new = from_linear(choice, lin, frozenset(op.m for op in self.plans[name].ops), name)
+                new = from_linear(choice, lin, frozenset(op.m for op in self.plans[name].ops), name,
+                                  act_absmax=self.act_absmax.get(name))
             except Exception as exc:  # that option is dropped; the layer has others
                 raise _BuildFailed(name, index, exc) from exc
             copy_hooks(lin, new)
@@ -456,16 +458,19 @@ def _sensitivities(trials: _Trials, options: Mapping[str, list[LayerOption]], fa
 
 def enforce_budget(root: nn.Module, layers: Mapping[str, nn.Linear], plans: dict[str, LayerPlan],
                    recorded: RecordedCalls, budget: float, margin: float = 0.8, rounds: int = 4,
+                   act_absmax: Mapping[str, Tensor] | None = None,
                    ) -> tuple[BudgetResult, dict[str, nn.Module | None]]:
     """Choose per layer under `budget` and verify it end to end (see the module docstring).
 
     `layers` are the float layers (plain weights, no recording), `plans` their tuned decisions,
-    each with ``options`` (the unconstrained pick first). Updates the plans to the verified choice
-    and returns the result with the verified modules (None: stays float) for finalize to install.
-    The model is left as it came in (every layer float)."""
+    each with ``options`` (the unconstrained pick first), `act_absmax` the layers' recorded
+    per-input-channel activation absmax (what calibrated candidates such as int8_smooth are built
+    from; a layer without one cannot use them: that option is dropped). Updates the plans to the
+    verified choice and returns the result with the verified modules (None: stays float) for
+    finalize to install. The model is left as it came in (every layer float)."""
     started = time.perf_counter()
     options = {n: p.options for n, p in plans.items() if p.options}
-    trials = _Trials(root, layers, plans, recorded)
+    trials = _Trials(root, layers, plans, recorded, act_absmax)
     result = BudgetResult(min_cosine=budget, cosine_mean=None, cosine_min=None, samples=0, met=True,
                           outputs=recorded.outputs)
     pick, stats = _search(trials, options, result, budget, margin, rounds, {n: 0 for n in options})

@@ -37,35 +37,44 @@ def restore_float(linear: nn.Linear) -> None:
 
 def make_layer(choice: Candidate | Dispatch, in_features: int, out_features: int, *, bias: Tensor | None,
                act_dtype: torch.dtype, tuned_m: frozenset[int], name: str, weight: Tensor | None = None,
-               packed: dict[str, Tensor] | None = None) -> QuantizedLinear:
+               packed: dict[str, Tensor] | None = None, act_absmax: Tensor | None = None,
+               calibration: dict[str, Tensor] | None = None) -> QuantizedLinear:
     """The finalized layer running `choice` (a candidate, or an M-dispatch pair): the one
     constructor behind finalize, ``apply_plan`` and ``load``, so the three cannot drift apart.
-    `packed`: the quantized tensors (``load``), else `weight` [N, K] is quantized here."""
+    `packed`: the quantized tensors (``load``), else `weight` [N, K] is quantized here; a
+    calibrated candidate (int8_smooth) then needs `calibration` (from a plan) or `act_absmax`
+    (recorded), else CalibrationMissing names the layer."""
     if packed is None:
         if weight is None:
             raise ValueError(f"layer {name!r}: make_layer needs the float weight or the packed tensors")
         quantizer = choice.small if isinstance(choice, Dispatch) else choice
         with torch.no_grad():
-            packed = quantizer.quantize(weight.detach())
+            packed = quantizer.pack(weight.detach(), act_absmax=act_absmax, calibration=calibration, where=name)
     cls = DispatchLinear if isinstance(choice, Dispatch) else QuantizedLinear
     return cls(choice, packed, bias, in_features, out_features, act_dtype=act_dtype,  # type: ignore[arg-type]
                tuned_m=tuned_m, name=name)
 
 
-def build_layer(plan: LayerPlan, linear: nn.Linear) -> nn.Module | None:
-    """The module that replaces `linear` under `plan`, or None to keep the float nn.Linear."""
+def build_layer(plan: LayerPlan, linear: nn.Linear, act_absmax: Tensor | None = None) -> nn.Module | None:
+    """The module that replaces `linear` under `plan`, or None to keep the float nn.Linear.
+    `act_absmax`: the layer's recorded activation statistics (see :func:`from_linear`)."""
     choice: Candidate | Dispatch | None = plan.dispatch or plan.winner
     if choice is None or (isinstance(choice, Candidate) and is_baseline(choice)):
         return None
-    return from_linear(choice, linear, frozenset(op.m for op in plan.ops), plan.name)
+    return from_linear(choice, linear, frozenset(op.m for op in plan.ops), plan.name, act_absmax=act_absmax)
 
 
-def from_linear(choice: Candidate | Dispatch, linear: nn.Linear, tuned_m: frozenset[int], name: str) -> QuantizedLinear:
-    """`choice` built from the float layer `linear` (its weight quantized, its bias copied)."""
+def from_linear(choice: Candidate | Dispatch, linear: nn.Linear, tuned_m: frozenset[int], name: str, *,
+                act_absmax: Tensor | None = None, calibration: dict[str, Tensor] | None = None) -> QuantizedLinear:
+    """`choice` built from the float layer `linear` (its weight quantized, its bias copied). A
+    calibrated candidate reads `calibration` (a plan's), else `act_absmax`, else the statistics the
+    recording weight of `linear` holds (autoquant before finalize); uncalibrated ones none."""
+    if act_absmax is None and isinstance(linear.weight, AutoQuantizableLinearWeight):
+        act_absmax = linear.weight.record.act_absmax()
     weight = plain_weight(linear)
     bias = None if linear.bias is None else linear.bias.detach().clone()
     return make_layer(choice, linear.in_features, linear.out_features, bias=bias, act_dtype=weight.dtype,
-                      tuned_m=tuned_m, name=name, weight=weight)
+                      tuned_m=tuned_m, name=name, weight=weight, act_absmax=act_absmax, calibration=calibration)
 
 
 def label(layer: QuantizedLinear, name: str, tuned_m: frozenset[int] | None) -> QuantizedLinear:

@@ -2,7 +2,8 @@
 
 A plan names, per nn.Linear layer, its scheme (family + params, the kernel included) or an
 M-dispatch pair, together with the environment fingerprint it was tuned on. It carries no
-weights and no pickles.
+weights and no pickles; a calibrated scheme (int8_smooth) also carries its calibration (K floats
+per layer, "calibration"), so ``apply_plan`` rebuilds the same layer from the float model alone.
 
 >>> import torch
 >>> from autoquant.candidates import get_family
@@ -21,13 +22,13 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .candidates import Candidate, QuantizedLinear, candidate_from_json
 from .finalize import DispatchLinear, copy_hooks, from_linear, replace_module
 from .hardware import Environment, environment
 from .keys import dtype_name, parse_dtype
-from .selection import Dispatch, is_baseline
+from .selection import Dispatch, choice_label, is_baseline
 
 __all__ = ["ACCURACY_ATTR", "PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "choice_of", "layer_from_plan", "layer_meta",
            "shape_mismatch"]
@@ -51,6 +52,37 @@ def _layer_facts(mod: QuantizedLinear) -> dict[str, Any]:
     if mod.act_dtype is not None:
         out["dtype"] = dtype_name(mod.act_dtype)
     return out
+
+
+def _calibration_json(mod: QuantizedLinear) -> dict[str, Any]:
+    """A calibrated candidate's calibration tensors (int8_smooth: ``smooth_inv``, float32 [K]), as
+    lists of floats under "calibration": what ``apply_plan`` needs besides the float weights to
+    rebuild the very same layer. float32 -> Python float -> JSON -> float32 is exact."""
+    keys = mod.candidate.calibration_keys
+    if not keys:
+        return {}
+    packed = mod.packed()
+    return {"calibration": {k: packed[k].detach().float().cpu().tolist() for k in keys}}
+
+
+def _calibration(entry: dict[str, Any], choice: Candidate | Dispatch, where: str,
+                 device: torch.device) -> dict[str, Tensor] | None:
+    """The calibration tensors a plan entry carries for a calibrated candidate, checked; None for
+    others. A calibrated candidate with none raises, naming the layer and what to do."""
+    cands = (choice.small, choice.large) if isinstance(choice, Dispatch) else (choice,)
+    keys = [k for c in cands for k in c.calibration_keys]
+    if not keys:
+        return None
+    calib = entry.get("calibration")
+    if not isinstance(calib, dict) or any(not isinstance(calib.get(k), list) for k in keys):
+        raise ValueError(f"plan layer {where!r}: {choice_label(choice)} is calibrated on the activations the layer "
+                         f"saw, and the plan carries no 'calibration' {{{', '.join(map(repr, keys))}: [...]}} for it: "
+                         "save the plan from the tuned model with this autoquant (save_plan writes it), or tune "
+                         "this model with autoquant(model, example_input)")
+    try:
+        return {k: torch.tensor(calib[k], dtype=torch.float32, device=device) for k in keys}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"plan layer {where!r}: 'calibration' must hold lists of numbers ({exc})") from exc
 
 
 def _shape(mod: nn.Module) -> dict[str, int]:
@@ -89,7 +121,8 @@ def plan_of(model: nn.Module) -> dict[str, Any]:
             layers[name] = {"kind": "dispatch", "small": _cand_json(d.small), "large": _cand_json(d.large),
                             "threshold": d.threshold, **_layer_facts(mod)}
         elif isinstance(mod, QuantizedLinear):
-            layers[name] = {"kind": "candidate", **_cand_json(mod.candidate), **_layer_facts(mod)}
+            layers[name] = {"kind": "candidate", **_cand_json(mod.candidate), **_layer_facts(mod),
+                            **_calibration_json(mod)}
         elif isinstance(mod, nn.Linear):
             layers[name] = {"kind": "float", **_shape(mod)}
         else:
@@ -171,7 +204,8 @@ def layer_from_plan(entry: dict[str, Any], linear: nn.Linear, where: str) -> nn.
     if choice is None:
         return None
     _, tuned_m = layer_meta(entry, linear)
-    return from_linear(choice, linear, tuned_m, where)
+    calibration = _calibration(entry, choice, where, linear.weight.device)
+    return from_linear(choice, linear, tuned_m, where, calibration=calibration)
 
 
 def _env_mismatch(plan: dict[str, Any], device: torch.device) -> str | None:

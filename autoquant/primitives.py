@@ -46,6 +46,7 @@ __all__ = [
     "int8_weight_per_channel",
     "pack_int4_lo_first",
     "row_blocks",
+    "smoothing_inv",
     "sqnr",
     "swap_nibbles",
     "uint8_act_per_tensor",
@@ -120,6 +121,38 @@ def int8_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
 def dequant_int8_per_channel(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``q * scale[:, None]`` in float32, then cast to `dtype`."""
     return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+# ---- per-input-channel smoothing of activation outliers (SmoothQuant) ------------------------------
+# The factors are clamped so that one channel's calibration can neither blow up the weight's range
+# nor amplify a channel the calibration never saw active: a channel whose recorded absmax is 0 keeps
+# s = 1 (no information), a dead weight column (absmax 0) takes SMOOTH_MAX.
+SMOOTH_MIN, SMOOTH_MAX = 1e-4, 1e4
+
+
+def smoothing_inv(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """The inverse smoothing factors ``1 / s`` (float32 [K]) for `weight` [N, K] whose activations
+    have per-input-channel absmax `act_absmax` [K]: ``s_k = a_k^alpha / w_k^(1 - alpha)`` with
+    ``w_k = max_n |W[n, k]|``, clamped to [SMOOTH_MIN, SMOOTH_MAX]. ``x * inv`` then has its outlier
+    channels scaled down and ``W / inv`` (columns) takes them up, with ``(x * inv) @ (W / inv)^T ==
+    x @ W^T`` in exact arithmetic. Computed by blocks of rows, as the weight quantizers are.
+
+    >>> inv = smoothing_inv(torch.tensor([8.0, 0.5, 0.0]), torch.ones(2, 3), 0.5)
+    >>> inv.tolist()
+    [0.3535533845424652, 1.4142135381698608, 1.0]
+    """
+    n, k = weight.shape
+    if act_absmax.shape != (k,):
+        raise ValueError(f"act_absmax has shape {tuple(act_absmax.shape)}, the weight's K is {k}: pass the "
+                         "per-input-channel absmax of this layer's activations (float32 [K])")
+    w_max = torch.zeros(k, dtype=torch.float32, device=weight.device)
+    for rows in row_blocks(n, k, weight.device):
+        torch.maximum(w_max, weight[rows].float().abs().amax(dim=0), out=w_max)
+    a = act_absmax.to(device=weight.device, dtype=torch.float32)
+    s = a.pow(alpha) / w_max.pow(1.0 - alpha)  # w_max = 0: inf (clamped), a = 0 with w = 0: nan
+    s = torch.where(w_max > 0, s, torch.full_like(s, SMOOTH_MAX))
+    s = torch.where((a > 0) & torch.isfinite(a), s, torch.ones_like(s))
+    return torch.reciprocal(s.clamp(SMOOTH_MIN, SMOOTH_MAX)).contiguous()
 
 
 # ---- int8 activations -----------------------------------------------------------------------------

@@ -119,8 +119,9 @@ class LayerPlan:
 class _Accuracy:
     """Lazily computed SQNR (and packed size) per candidate on the layer's real activations."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, acts: Tensor, dtype: torch.dtype) -> None:
-        self.weight, self.bias, self.dtype = weight, bias, dtype
+    def __init__(self, weight: Tensor, bias: Tensor | None, acts: Tensor, dtype: torch.dtype,
+                 act_absmax: Tensor | None = None) -> None:
+        self.weight, self.bias, self.dtype, self.act_absmax = weight, bias, dtype, act_absmax
         self.x = acts.to(device=weight.device, dtype=dtype)
         b32 = None if bias is None else bias.float()
         self.ref = F.linear(self.x.float(), weight.float(), b32)
@@ -134,7 +135,8 @@ class _Accuracy:
     def _evaluate(self, cand: Candidate) -> tuple[float, int, str | None]:
         try:
             with torch.no_grad():
-                module = cand.build(self.weight.to(self.dtype), None if self.bias is None else self.bias.to(self.dtype))
+                module = cand.build(self.weight.to(self.dtype), None if self.bias is None else self.bias.to(self.dtype),
+                                    act_absmax=self.act_absmax)
                 out = module(self.x).float()
                 nbytes = sum(t.numel() * t.element_size() for t in module.packed().values())
         except Exception as exc:  # reported; the layer just does not use this candidate
@@ -203,8 +205,11 @@ def _dispatch(
 def select_layer(
     name: str, ops: Mapping[OpShape, int], trials: Mapping[OpShape, Mapping[Candidate, Trial]],
     weight: Tensor, bias: Tensor | None, activations: Tensor | None, config: TuneConfig,
+    act_absmax: Tensor | None = None,
 ) -> LayerPlan:
-    """Decide one layer. `trials[op]` must hold a Trial for every candidate considered."""
+    """Decide one layer. `trials[op]` must hold a Trial for every candidate considered.
+    `act_absmax`: the per-input-channel absmax over every recorded call, which calibrated
+    candidates (int8_smooth) are built from; without it they fail this layer's accuracy check."""
     plan = LayerPlan(name=name, ops=dict(ops), status="tuned")
     if not ops or activations is None:
         plan.status = "unseen"
@@ -225,7 +230,7 @@ def select_layer(
                 plan.baseline_cost = row.cost
         plan.rows.append(row)
     dtype = max(ops, key=lambda op: ops[op]).torch_dtype
-    accuracy = _Accuracy(weight, bias, activations, dtype)
+    accuracy = _Accuracy(weight, bias, activations, dtype, act_absmax)
     winner = _choose(costs, accuracy, config) if costs else None
     if winner is None:
         plan.status = "kept float: no candidate could be timed" if not costs else "kept float: no candidate passed the accuracy floor"

@@ -45,14 +45,18 @@ _PRESERVING = {
 
 @dataclass
 class LayerRecord:
-    """What the warm run saw for one layer: op -> call count, and up to `max_rows` activation rows
-    (the first rows seen, then a deterministic stride sample so late calls are represented too)."""
+    """What the warm run saw for one layer: op -> call count, up to `max_rows` activation rows
+    (the first rows seen, then a deterministic stride sample so late calls are represented too),
+    and the per-input-channel absmax over EVERY recorded row (float32 [K], what calibrated
+    candidates such as int8_smooth read: outliers in one late call must not be missed, and the
+    row sample could miss them)."""
 
     name: str
     max_rows: int = 64
     counts: Counter = field(default_factory=Counter)
     rows: list[Tensor] = field(default_factory=list)
     _seen_rows: int = 0
+    _absmax: Tensor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def log(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -65,6 +69,8 @@ class LayerRecord:
                 return
             have = sum(r.shape[0] for r in self.rows)
             flat = x.detach().reshape(-1, k)
+            amax = flat.abs().amax(dim=0).to(torch.float32)
+            self._absmax = amax if self._absmax is None else torch.maximum(self._absmax, amax.to(self._absmax.device))
             if have < self.max_rows:
                 self.rows.append(flat[: self.max_rows - have].to(torch.float32, copy=True))
             else:
@@ -84,6 +90,10 @@ class LayerRecord:
         """The sampled activation rows as one float32 [R, K] tensor, or None if never called."""
         return torch.cat(self.rows) if self.rows else None
 
+    def act_absmax(self) -> Tensor | None:
+        """max |x[:, k]| over every recorded activation row, float32 [K]; None if never called."""
+        return None if self._absmax is None else self._absmax.clone()
+
     @property
     def calls(self) -> int:
         return sum(self.counts.values())
@@ -91,6 +101,7 @@ class LayerRecord:
     def __deepcopy__(self, memo: dict) -> "LayerRecord":
         copy = LayerRecord(self.name, self.max_rows, Counter(self.counts), [r.clone() for r in self.rows])
         copy._seen_rows = self._seen_rows
+        copy._absmax = None if self._absmax is None else self._absmax.clone()
         return copy
 
 

@@ -5,7 +5,8 @@ plan is tuned on one set of sentences and measured on ANOTHER (held out): the co
 held-out sentence embedding against the float model's (mean and min), and the forward time of a
 held-out batch, all variants timed interleaved by the same harness in this one run.
 
-Variants: fp32; torch ``quantize_dynamic`` int8; uniform schemes (one candidate on every layer);
+Variants: fp32; torch ``quantize_dynamic`` int8; uniform schemes (one candidate on every layer;
+int8_smooth calibrated on the tuning sentences, at the default alpha and at 0.5);
 autoquant with no budget (the unconstrained plan); autoquant with ``min_cosine`` = 0.95, 0.98, 0.99,
 0.995, 0.999 on the sentence embedding (``budget_outputs=["sentence_embedding"]``).
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from autoquant import BenchConfig, autoquant, finalize, get_report
 from autoquant.bench import time_callables
-from autoquant.candidates import default_candidates
+from autoquant.candidates import Int8Smooth, default_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import paired_ratio, uniform  # noqa: E402 - the shared helpers of the e2e benchmark
@@ -134,6 +135,26 @@ def tune(model, feats: list[dict], cache, min_cosine: float | None, bench: Bench
     return time.perf_counter() - t0
 
 
+def act_absmax(model, feats: list[dict]) -> dict[str, torch.Tensor]:
+    """Per nn.Linear, the per-input-channel absmax of its activations over `feats` (what autoquant
+    records while tuning): the calibration of the uniform int8_smooth rows."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(mod, args):
+            a = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            out[name] = a if name not in out else torch.maximum(out[name], a)
+        return pre
+
+    handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    try:
+        embed(model, feats)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 def cosines(ref: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
     cos = torch.nn.functional.cosine_similarity(emb.double(), ref.double(), dim=1)
     return float(cos.mean()), float(cos.min())
@@ -207,11 +228,12 @@ def main(argv=None) -> int:
     except Exception as exc:  # not in every torch build
         say(f"torch quantize_dynamic unavailable: {type(exc).__name__}: {exc}")
     ops = linear_ops(base, held_feats[0])
-    for cand in default_candidates(torch.device("cpu"), torch.float32):
+    calib = act_absmax(base, tune_feats)  # int8_smooth rows: calibrated on the tuning sentences, as autoquant does
+    for cand in [*default_candidates(torch.device("cpu"), torch.float32), Int8Smooth("fbgemm", 0.5)]:
         if cand.family in ("int8_weight_only", "int4_weight_only") or (cand.family == "float" and cand.kernel == "aten"
                                                                        and cand.compute_dtype is None):
             continue  # weight-only kernels lose to fp32 on CPUs by far (see the tuning report); aten fp32 is "fp32"
-        u = uniform(base, cand, ops, torch.device("cpu"))
+        u = uniform(base, cand, ops, torch.device("cpu"), calib)
         if u is not None:
             variants[f"uniform {cand.name}"] = u
     variants.update(models)

@@ -84,14 +84,18 @@ def linear_ops(model: nn.Module, example, m: int) -> dict[str, OpShape]:
     return ops
 
 
-def uniform(model: nn.Module, cand, ops: dict[str, OpShape], device) -> nn.Module | None:
-    """A copy of `model` with `cand` on every linear layer, or None if some layer can't take it."""
-    if any(cand.supports(device, op) is not None for op in ops.values()):
+def uniform(model: nn.Module, cand, ops: dict[str, OpShape], device,
+            act_absmax: dict[str, torch.Tensor] | None = None) -> nn.Module | None:
+    """A copy of `model` with `cand` on every linear layer, or None if some layer can't take it.
+    `act_absmax` (layer name -> per-input-channel absmax of its activations): what calibrated
+    candidates (int8_smooth) are built from; without it they are left out (None)."""
+    if any(cand.supports(device, op) is not None for op in ops.values()) or (cand.calibrated and act_absmax is None):
         return None
     out = copy.deepcopy(model)
     for name in ops:
         lin = out.get_submodule(name)
-        replace_module(out, name, cand.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach()))
+        replace_module(out, name, cand.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),
+                                             act_absmax=None if act_absmax is None else act_absmax[name]))
     return out
 
 

@@ -205,7 +205,8 @@ def largest_op_budget(model: nn.Module, m: int) -> dict[str, float]:
               key=lambda mod: mod.in_features * mod.out_features)
     op = OpShape(m, lin.in_features, lin.out_features, lin.bias is not None, "float32")
     cpu = torch.device("cpu")
-    built = [c.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach())
+    built = [c.build(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),
+                     act_absmax=torch.ones(lin.in_features))  # int8_smooth's statistics: bytes only here
              for c in default_candidates(cpu, F32) if c.supports(cpu, op) is None]
     sizes = [_state_bytes(b) for b in built]
     reads = [_read_bytes(b) for b in built]  # what a copy holds: what a call reads

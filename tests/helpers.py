@@ -115,15 +115,23 @@ def make_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 1,
     return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
 
+def act_absmax(k: int, device: str | torch.device = "cpu", seed: int = 9) -> Tensor:
+    """Per-input-channel absmax (float32 [K]) of 256 seeded normal activation rows, like the inputs
+    of make_input: the statistics calibrated candidates (int8_smooth) are built from in tests;
+    other candidates ignore them (``Candidate.build(..., act_absmax=...)``)."""
+    return make_input((256, k), torch.float32, seed=seed, device=device).abs().amax(dim=0)
+
+
 def float_reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """F.linear in float64 on the (already rounded) inputs: the 'float32 math' accuracy yardstick."""
     return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
 
 
 # ---- candidate instances under test ---------------------------------------------------------------
-def all_instances(device_type: str, dtype: torch.dtype) -> list:
+def all_instances(device_type: str, dtype: torch.dtype, calibrated: bool = False) -> list:
     """`default_candidates` for (device type, activation dtype) plus the instances it leaves out on
-    purpose (dequant fallback, lossy float compute dtypes, fp8 on CPU), each once."""
+    purpose (dequant fallback, lossy float compute dtypes, fp8 on CPU), each once. Calibrated ones
+    (int8_smooth), which need ``build(..., act_absmax=...)``, only with `calibrated`."""
     from autoquant.candidates import (
         FloatCandidate,
         Fp8Dynamic,
@@ -139,7 +147,7 @@ def all_instances(device_type: str, dtype: torch.dtype) -> list:
         cands += [Int8Dynamic("int_mm"), Fp8WeightOnly("dequant"), Fp8Dynamic("scaled_mm")]
     if dtype == torch.float32:
         cands += [FloatCandidate("aten", "bfloat16"), FloatCandidate("aten", "float16")]
-    return list(dict.fromkeys(cands))
+    return [c for c in dict.fromkeys(cands) if calibrated or not c.calibrated]
 
 
 def candidate_id(c) -> str:
@@ -148,8 +156,9 @@ def candidate_id(c) -> str:
 
 
 def instance_params(shapes: tuple[tuple[int, int], ...]) -> list:
-    """pytest params (device type, dtype, candidate, (K, N)) with readable ids; CUDA ones skip
-    with a reason when no GPU is present."""
+    """pytest params (device type, dtype, candidate, (K, N)) with readable ids, calibrated
+    candidates included (build them with ``act_absmax=act_absmax(K)``); CUDA ones skip with a
+    reason when no GPU is present."""
     import pytest
 
     out = []
@@ -157,7 +166,7 @@ def instance_params(shapes: tuple[tuple[int, int], ...]) -> list:
         marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU in this process")] \
             if dev == "cuda" else []
         for dtype in dtypes:
-            for c in all_instances(dev, dtype):
+            for c in all_instances(dev, dtype, calibrated=True):
                 for k, n in shapes:
                     out.append(pytest.param(dev, dtype, c, (k, n), marks=marks,
                                             id=f"{dev}-{dtype_id(dtype)}-K{k}xN{n}-{candidate_id(c)}"))

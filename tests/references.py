@@ -37,6 +37,7 @@ __all__ = [
     "linear64",
     "near_tie",
     "rounding_dtype",
+    "smooth_inv",
     "snr_db",
     "to_dtype64",
     "uint8_tensor_asym",
@@ -212,10 +213,25 @@ def gain_tol(device_type: str, dtype: torch.dtype) -> float:
     return CUDA_FP32_GAIN_TOL if device_type == "cuda" and dtype == torch.float32 else GAIN_TOL[dtype]
 
 
-def expected_output(cand, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def smooth_inv(act_absmax: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """int8_smooth's 1/s (float32, as stored): s_k = a_k^alpha / max_n|w[n,k]|^(1-alpha), clamped to
+    [1e-4, 1e4]; s = 1 where a_k = 0, 1e4 where the weight column is 0."""
+    a, wmax = act_absmax.double(), w.double().abs().amax(0)
+    s = torch.where(wmax > 0, a.pow(alpha) / wmax.pow(1 - alpha), torch.full_like(a, 1e4))
+    s = torch.where(a > 0, s, torch.ones_like(a)).clamp(1e-4, 1e4)
+    return (1.0 / s).float()
+
+
+def expected_output(cand, x: Tensor, w: Tensor, b: Tensor | None, act_absmax: Tensor | None = None) -> Tensor:
     """float64 output of the kernel `cand` (read for its family, kernel and params only) on x [M, K]
-    for the float layer (w, b), from the format definitions."""
+    for the float layer (w, b), from the format definitions. `act_absmax`: the calibration of a
+    calibrated family (int8_smooth)."""
     family, kernel = cand.family, cand.kernel
+    if family == "int8_smooth":  # x * inv per channel, W / inv per column, then int8_dynamic fbgemm
+        inv = smooth_inv(act_absmax, w, cand.alpha)
+        xs = (x.float() * inv).double()
+        codes, scale, _ = int8_rows((w.float() / inv).double())
+        return linear64(uint8_tensor_asym(xs, 127), codes.double() * scale[:, None], b)
     if family == "float":
         cd = getattr(torch, cand.compute_dtype) if cand.compute_dtype else x.dtype
         if kernel == "fbgemm_fp16":  # fp16 weight, float32 activation and accumulation

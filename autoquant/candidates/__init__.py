@@ -1,6 +1,6 @@
 """Candidate families behind one protocol (DESIGN.md section 3), and the default list per device.
 
-Importing this package registers every family (float, int8_weight_only, int8_dynamic,
+Importing this package registers every family (float, int8_weight_only, int8_dynamic, int8_smooth,
 int4_weight_only, fp8_weight_only, fp8_dynamic) and, for the first four, one class per kernel
 (``register_kernel``): ``Int8Dynamic("fbgemm")`` is an ``Int8DynamicFbgemm``, with the family's
 params and JSON identity. It queries no device: device facts are read when
@@ -22,21 +22,25 @@ from . import float as _float  # noqa: F401  (registers the family)
 from . import fp8 as _fp8  # noqa: F401
 from . import int4_weight_only as _int4  # noqa: F401
 from . import int8_dynamic as _int8_dynamic  # noqa: F401
+from . import int8_smooth as _int8_smooth  # noqa: F401
 from . import int8_weight_only as _int8_weight_only  # noqa: F401
-from .base import Candidate, QuantizedLinear, candidate_from_json, families, get_family, register, register_kernel
+from .base import CalibrationMissing, Candidate, QuantizedLinear, candidate_from_json, families, get_family, register, register_kernel
 from .float import FloatCandidate, is_baseline
 from .fp8 import Fp8Dynamic, Fp8WeightOnly
 from .int4_weight_only import Int4WeightOnly
 from .int8_dynamic import Int8Dynamic
+from .int8_smooth import Int8Smooth
 from .int8_weight_only import Int8WeightOnly
 
 __all__ = [
+    "CalibrationMissing",
     "Candidate",
     "FloatCandidate",
     "Fp8Dynamic",
     "Fp8WeightOnly",
     "Int4WeightOnly",
     "Int8Dynamic",
+    "Int8Smooth",
     "Int8WeightOnly",
     "QuantizedLinear",
     "candidate_from_json",
@@ -49,6 +53,9 @@ __all__ = [
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128)
+# int8_smooth's alpha in the CPU float32 defaults: on MiniLM, 0.75 beat 0.5 in held-out SQNR on most
+# layers and end to end, where 0.5 was worse than no smoothing (benchmarks/results/smooth_minilm_cpu.txt).
+SMOOTH_ALPHA = 0.75
 
 
 def _cpu_has_native(dtype: torch.dtype) -> bool:
@@ -113,5 +120,8 @@ def default_candidates(device: torch.device, dtype: torch.dtype) -> list[Candida
     out = _float_cpu(dtype)
     out += [Int8WeightOnly("int8pack")]
     out += [Int8Dynamic("fbgemm"), Int8Dynamic("onednn"), Int8Dynamic("int_mm")]
+    if dtype == torch.float32:
+        # Calibrated on the recorded activations (see int8_smooth): fbgemm's speed, per-token accuracy.
+        out += [Int8Smooth("fbgemm", SMOOTH_ALPHA)]
     out += [Int4WeightOnly("tinygemm_cpu", g) for g in INT4_GROUP_SIZES]
     return out

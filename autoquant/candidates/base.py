@@ -9,6 +9,12 @@ Contract of a family (subclass of :class:`Candidate`):
   reason, kept in the report. Never raises for a device/shape it cannot handle.
 - ``quantize(weight) -> dict[str, Tensor]``: the packed state, plain tensors only (int8 data, scales,
   zeros, ...) so it saves as safetensors. ``weight`` is the float [N, K] nn.Linear weight.
+- Calibrated families (``calibrated = True``, e.g. int8_smooth) also read statistics of the
+  activations the layer saw: ``calibrate(weight, act_absmax)`` turns the per-input-channel absmax
+  (float32 [K], recorded over every call) into the family's small calibration tensors (named by
+  ``calibration_keys``), and ``quantize(weight, calibration=...)`` packs them with the weight, so a
+  finalized layer, a save and a plan carry them. Callers go through :meth:`Candidate.pack`, which
+  raises :class:`CalibrationMissing` (naming what to pass) where neither is at hand.
 - ``prepare(packed) -> object``: runtime-only state rebuilt from the packed tensors (e.g. scales
   cast once per dtype); never saved. Default: None. Kernels with an opaque prepacked handle
   (fbgemm, oneDNN, CPU int4) keep it in ``_cpu_ops.PREPACK_CACHE`` instead, keyed by the weight
@@ -45,7 +51,7 @@ from ..keys import OpShape, canonical_json
 from .quantized_linear import _WARNED_DTYPES, QuantizedLinear  # noqa: F401 - re-exported
 
 
-__all__ = ["Candidate", "QuantizedLinear", "candidate_from_json", "families", "get_family", "register",
+__all__ = ["CalibrationMissing", "Candidate", "QuantizedLinear", "candidate_from_json", "families", "get_family", "register",
            "register_kernel"]
 
 _REGISTRY: dict[str, type[Candidate]] = {}
@@ -100,6 +106,10 @@ def candidate_from_json(family: str, params: str | dict) -> Candidate:
     return cls(**data)
 
 
+class CalibrationMissing(ValueError):
+    """A calibrated candidate was asked to quantize a weight with no activation statistics."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate(ABC):
     """Base of every family. Subclasses are ``@register``-ed frozen dataclasses whose fields are
@@ -115,6 +125,10 @@ class Candidate(ABC):
     min_sqnr_db: ClassVar[float] = 0.0
     # Whether this candidate computes exactly what the float baseline does (no quantization).
     lossless: ClassVar[bool] = False
+    # Whether quantize needs activation statistics (see the module doc); the packed tensors named by
+    # calibration_keys are the calibration, which a plan carries so it can rebuild the layer.
+    calibrated: ClassVar[bool] = False
+    calibration_keys: ClassVar[tuple[str, ...]] = ()
 
     kernel: str
     # Set on each per-kernel class by register_kernel; None on a family class (its constructor
@@ -178,6 +192,29 @@ class Candidate(ABC):
     @abstractmethod
     def quantize(self, weight: Tensor) -> dict[str, Tensor]: ...
 
+    def calibrate(self, weight: Tensor, act_absmax: Tensor) -> dict[str, Tensor]:
+        """Calibrated families: the calibration tensors for `weight` [N, K] given the per-input-channel
+        absmax of its activations (float32 [K]). Others have none."""
+        return {}
+
+    def pack(self, weight: Tensor, *, act_absmax: Tensor | None = None,
+             calibration: dict[str, Tensor] | None = None, where: str = "") -> dict[str, Tensor]:
+        """``quantize(weight)``, for a calibrated family with its calibration: `calibration` as given
+        (from a plan), else derived from `act_absmax`; uncalibrated families ignore both. Raises
+        CalibrationMissing, naming the layer (`where`), when a calibrated family has neither."""
+        if not self.calibrated:
+            return self.quantize(weight)
+        if calibration is None:
+            if act_absmax is None:
+                who = f"layer {where!r}: " if where else ""
+                raise CalibrationMissing(
+                    f"{who}{self.name} smooths activations with statistics recorded on real inputs, and none "
+                    "were given: tune with autoquant(model, example_input) (which records them), or apply a "
+                    "plan saved from such a model (it carries them), or pass act_absmax= (the per-input-"
+                    "channel absmax of the layer's activations, float32 [K]) where the layer is built")
+            calibration = self.calibrate(weight, act_absmax)
+        return self.quantize(weight, calibration=calibration)  # type: ignore[call-arg]
+
     def prepare(self, packed: dict[str, Tensor]) -> Any:
         return None
 
@@ -207,13 +244,16 @@ class Candidate(ABC):
         return None
 
     # ---- helpers built on the protocol ------------------------------------------------------
-    def build(self, weight: Tensor, bias: Tensor | None, packed: dict[str, Tensor] | None = None) -> QuantizedLinear:
+    def build(self, weight: Tensor, bias: Tensor | None, packed: dict[str, Tensor] | None = None, *,
+              act_absmax: Tensor | None = None) -> QuantizedLinear:
         """The finalized layer for `weight` [N, K] (and `bias` [N] or None). `packed`: this very
         weight already quantized by a candidate of the same ``weight_format``, to share (the
-        tuner builds an op's candidates side by side: one int8 copy serves every int8 kernel)."""
+        tuner builds an op's candidates side by side: one int8 copy serves every int8 kernel).
+        `act_absmax`: the activations' per-input-channel absmax, for calibrated families (see
+        :meth:`pack`); ignored by the others."""
         if packed is None:
             with torch.no_grad():
-                packed = self.quantize(weight.detach())
+                packed = self.pack(weight.detach(), act_absmax=act_absmax)
         b = None if bias is None else bias.detach().clone()
         return QuantizedLinear(self, packed, b, in_features=weight.shape[1], out_features=weight.shape[0],
                                act_dtype=weight.dtype)

@@ -21,12 +21,13 @@ from autoquant.candidates import (
     Fp8WeightOnly,
     Int4WeightOnly,
     Int8Dynamic,
+    Int8Smooth,
     Int8WeightOnly,
 )
 from autoquant.candidates.fp8 import cpu_rowwise_scaled_mm_reason
 from autoquant.finalize import DispatchLinear
 from autoquant.selection import Dispatch
-from helpers import sqnr
+from helpers import act_absmax, sqnr
 
 K, N = 64, 48
 CPU_CASES = [
@@ -43,6 +44,8 @@ CPU_CASES = [
     (Int8Dynamic("onednn"), torch.float32),
     (Int8Dynamic("int_mm"), torch.float32),
     (Int8Dynamic("fbgemm"), torch.bfloat16),
+    (Int8Smooth("fbgemm", 0.75), torch.float32),
+    (Int8Smooth("fbgemm", 0.5), torch.bfloat16),
     (Int4WeightOnly("tinygemm_cpu", 32), torch.bfloat16),
     (Int4WeightOnly("tinygemm_cpu", 64), torch.float32),
     (Fp8WeightOnly("dequant"), torch.float32),
@@ -72,7 +75,7 @@ def _reference_weight(cand, layer) -> torch.Tensor:
 def test_input_grad_is_grad_y_times_dequantized_weight(case):
     cand, dtype = case
     w, b = _weights(dtype)
-    layer = cand.build(w, b)
+    layer = cand.build(w, b, act_absmax=act_absmax(K))
     x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
     g = torch.randn(2, 3, N, generator=torch.Generator().manual_seed(2)).to(dtype)
     with warnings.catch_warnings():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import references as R
-from helpers import all_instances, candidate_id, dtype_id, make_input, make_linear
+from helpers import act_absmax, all_instances, candidate_id, dtype_id, make_input, make_linear
 
 from autoquant import primitives as P
 from autoquant.keys import OpShape
@@ -37,7 +37,7 @@ def _params():
     for dev, dtypes in (("cpu", (torch.float32, torch.bfloat16)),
                         ("cuda", (torch.float32, torch.bfloat16, torch.float16))):
         for dtype in dtypes:
-            for c in all_instances(dev, dtype):
+            for c in all_instances(dev, dtype, calibrated=True):
                 if dev == "cpu" and "CUDA kernel" in (_runs_on(c, torch.device("cpu"), dtype) or ""):
                     continue
                 marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU in this process")] \
@@ -53,11 +53,11 @@ def test_kernel_matches_definition(dev, dtype, cand):
     if why is not None:
         pytest.skip(f"missing CPU feature: {why}" if dev == "cpu" else why)
     w, b = make_linear(K, N, dtype, seed=5)
-    layer = cand.build(w.to(device), b.to(device))
+    layer = cand.build(w.to(device), b.to(device), act_absmax=act_absmax(K, device))
     for m in MS:
         x = make_input((m, K), dtype, seed=100 + m)
         y = layer(x.to(device)).cpu()
-        want = R.expected_output(cand, x, w, b)
+        want = R.expected_output(cand, x, w, b, act_absmax(K))
         got = R.snr_db(want, y)
         g = R.gain(want, y)
         rd = R.rounding_dtype(cand, dtype, device.type)
@@ -187,5 +187,6 @@ def test_definitions_cover_every_family():
     """A family added without a definition here would escape this file: list them."""
     from autoquant.candidates import families
 
-    known = {"float", "int8_weight_only", "int8_dynamic", "int4_weight_only", "fp8_weight_only", "fp8_dynamic"}
+    known = {"float", "int8_weight_only", "int8_dynamic", "int4_weight_only", "fp8_weight_only", "fp8_dynamic",
+             "int8_smooth"}
     assert {f for f in families() if not f.startswith("test_")} <= known

@@ -12,10 +12,14 @@ from autoquant.candidates import (
     Fp8WeightOnly,
     Int4WeightOnly,
     Int8Dynamic,
+    Int8Smooth,
     Int8WeightOnly,
     QuantizedLinear,
 )
 from autoquant.candidates._cpu_ops import PREPACK_CACHE
+
+# Activation statistics for calibrated candidates (int8_smooth): |x| of torch.randn rows; others ignore them.
+ABSMAX = torch.randn(256, 64, generator=torch.Generator().manual_seed(9)).abs().amax(0)
 
 CASES = [
     (FloatCandidate("aten"), torch.float32),
@@ -27,6 +31,7 @@ CASES = [
     (FloatCandidate("fbgemm_fp16", "float32"), torch.bfloat16),
     (Int8Dynamic("fbgemm"), torch.float32),
     (Int8Dynamic("onednn"), torch.float32),
+    (Int8Smooth("fbgemm", 0.75), torch.float32),
     (Int8WeightOnly("int8pack"), torch.float32),
     (Int8WeightOnly("int8pack"), torch.bfloat16),
     (Int4WeightOnly("tinygemm_cpu", 32), torch.bfloat16),
@@ -58,7 +63,7 @@ def generic(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 def test_eager_path_is_bit_exact(cand, dtype):
     skip_unsupported(cand, dtype)
     torch.manual_seed(0)
-    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
     assert layer._eager is not None, "this kernel should have an eager fast path"
     for x in (torch.randn(5, 64), torch.randn(2, 3, 64), torch.randn(64, 7).t(), torch.randn(1, 64)):
         x = x.to(dtype)
@@ -71,8 +76,8 @@ def test_eager_path_is_bit_exact(cand, dtype):
 def test_eager_path_follows_buffer_changes(cand, dtype):
     skip_unsupported(cand, dtype)
     torch.manual_seed(1)
-    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
-    other = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
+    other = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
     x = torch.randn(3, 64).to(dtype)
     layer(x)  # fills the layer's memo
     # 1) in-place load_state_dict: values change, tensor identity does not
@@ -81,7 +86,7 @@ def test_eager_path_follows_buffer_changes(cand, dtype):
     # 2) an in-place write without load_state_dict (the version counter moves), to the weight
     # and then to every other packed tensor (scales)
     weight_name = next(n for n in layer._packed_names if n in ("weight", "w_int8", "w_int4", "w_fp8"))
-    fresh = cand.build((torch.randn(48, 64) / 8).to(dtype), None)
+    fresh = cand.build((torch.randn(48, 64) / 8).to(dtype), None, act_absmax=ABSMAX)
     with torch.no_grad():
         layer._buffers[weight_name].copy_(fresh._buffers[weight_name])
     torch.testing.assert_close(layer(x), generic(layer, x), rtol=0, atol=0)
@@ -94,11 +99,11 @@ def test_eager_path_follows_buffer_changes(cand, dtype):
             torch.testing.assert_close(after, generic(layer, x), rtol=0, atol=0)
             assert not torch.equal(after, before), f"a write to {name} must change the output"
     # 2b) the weight's storage swapped under the same tensor object (`.data = ...`)
-    swapped = cand.build((torch.randn(48, 64) / 8).to(dtype), None)._buffers[weight_name]
+    swapped = cand.build((torch.randn(48, 64) / 8).to(dtype), None, act_absmax=ABSMAX)._buffers[weight_name]
     layer._buffers[weight_name].data = swapped.clone()
     torch.testing.assert_close(layer(x), generic(layer, x), rtol=0, atol=0)
     # 3) a buffer replaced by assignment (new tensor object)
-    fresh = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+    fresh = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
     for name in layer._packed_names:
         setattr(layer, name, fresh._buffers[name].clone())
     layer.bias = fresh.bias.clone()
@@ -109,7 +114,7 @@ def test_eager_path_follows_buffer_changes(cand, dtype):
                                              (Int8WeightOnly("int8pack"), torch.bfloat16)], ids=["fbgemm", "int8pack"])
 def test_inference_tensors_work_on_the_eager_path(cand, dtype):
     with torch.inference_mode():
-        layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+        layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
         x = torch.randn(3, 64).to(dtype)
         fast = layer._eager
         y1, y2 = layer(x), fast(x)  # the closure itself must not raise (no silent slow path)
@@ -232,7 +237,7 @@ def test_a_dropped_layer_frees_its_buffers_without_the_garbage_collector(cand, d
     import weakref
 
     skip_unsupported(cand, dtype)
-    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype))
+    layer = cand.build((torch.randn(48, 64) / 8).to(dtype), torch.randn(48).to(dtype), act_absmax=ABSMAX)
     layer(torch.randn(2, 3, 64).to(dtype))  # the folding path of every closure
     layer(torch.randn(3, 64).to(dtype))
     refs = [weakref.ref(t) for t in layer._buffers.values() if t is not None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    act_absmax,
     accuracy_floor,
     dtype_id,
     float_reference,
@@ -54,7 +55,7 @@ DECLINED_ERRORS = (
 
 def _forced_run_is_consistent(c, reason, w, b, x, device) -> None:
     if SPEED_DECLINE in reason:  # declined for speed only: it runs, and is right
-        layer = c.build(w, b)
+        layer = c.build(w, b, act_absmax=act_absmax(w.shape[1], device))
         y = layer(x)
         assert sqnr(c.reference(x, layer.packed(), layer.bias), y) >= kernel_floor(device, x.dtype, c)
         return
@@ -62,7 +63,7 @@ def _forced_run_is_consistent(c, reason, w, b, x, device) -> None:
     assert rule is not None, f"{c.name} declined with {reason!r}: add the error it documents to DECLINED_ERRORS"
     err, pattern = rule
     with pytest.raises(err, match=pattern):
-        c.build(w, b)(x)
+        c.build(w, b, act_absmax=act_absmax(w.shape[1], device))(x)
 
 
 @pytest.mark.parametrize("dev, dtype, cand, shape", instance_params(SHAPES))
@@ -79,7 +80,7 @@ def test_kernel_matches_reference_and_float(dev, dtype, cand, shape):
             _forced_run_is_consistent(cand, reason, w, b, x, device)
             continue
         if layer is None:
-            layer = cand.build(w, b)
+            layer = cand.build(w, b, act_absmax=act_absmax(k, device))
         y = layer(x)
         assert y.shape == (m, n) and y.dtype == dtype and y.device.type == device.type
         assert torch.isfinite(y).all()
@@ -103,7 +104,7 @@ def test_no_bias_and_zero_rows(dev, dtype, cand, shape):
         pytest.skip(f"{'missing CPU feature' if dev == 'cpu' else 'not on this GPU'}: {reason}")
     w, _ = make_linear(k, n, dtype, seed=3, device=device, bias=False)
     w[0] = 0
-    layer = cand.build(w, None)
+    layer = cand.build(w, None, act_absmax=act_absmax(k, device))
     x = make_input((m, k), dtype, seed=4, device=device)
     x[2] = 0
     y = layer(x)

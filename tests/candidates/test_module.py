@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dtype_id, instance_params, kernel_floor, make_input, make_linear, sqnr
+from helpers import act_absmax, dtype_id, instance_params, kernel_floor, make_input, make_linear, sqnr
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -23,7 +23,7 @@ def _built(dev, dtype, cand, shape, m=7):
     if reason is not None and "not worth timing" not in reason:  # speed-declined kernels still run
         pytest.skip(f"{'missing CPU feature' if device.type == 'cpu' else 'not on this GPU'}: {reason}")
     w, b = make_linear(k, n, dtype, seed=11, device=device)
-    return device, w, b, cand.build(w, b)
+    return device, w, b, cand.build(w, b, act_absmax=act_absmax(k, device))
 
 
 @pytest.mark.parametrize("dev, dtype, cand, shape", instance_params(SHAPE))

@@ -42,7 +42,7 @@ def test_every_family_is_registered_in_tie_break_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 def test_params_json_round_trip(dev, dtype):
     """Builds the lists without touching a GPU, so it runs for "cuda" on any machine."""
-    for c in all_instances(dev, dtype):
+    for c in all_instances(dev, dtype, calibrated=True):
         text = c.params_json()
         assert candidate_from_json(c.family, text) == c
         assert candidate_from_json(c.family, json.loads(text)) == c
@@ -90,7 +90,7 @@ def test_lossless_and_accuracy_facts():
     assert FloatCandidate("aten", "bfloat16").min_sqnr_db < FloatCandidate("fbgemm_fp16").min_sqnr_db
     for dev, dtypes in DTYPES_BY_DEVICE.items():
         for dtype in dtypes:
-            for c in all_instances(dev, dtype):
+            for c in all_instances(dev, dtype, calibrated=True):
                 assert c.min_sqnr_db > 0
                 assert c.lossless == (c.family == "float" and c.kernel in ("aten", "onednn")
                                       and c.compute_dtype is None)

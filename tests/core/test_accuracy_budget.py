@@ -101,6 +101,35 @@ def test_budget_holds_on_minilm_sentence_embeddings():
     assert "accuracy budget min_cosine=0.99: met" in rep.summary()
 
 
+def with_smooth(key):
+    """``ranked`` plus int8_smooth (fbgemm on the smoothed activation) 5% dearer than fbgemm, as
+    its extra elementwise pass makes it; cheaper than oneDNN per-token."""
+    p = json.loads(key.params)
+    return 1.05e-5 if (key.candidate, p.get("kernel")) == ("int8_smooth", "fbgemm") else ranked(key)
+
+
+def test_budget_uses_the_smooth_candidate_on_minilm_at_less_cost():
+    """int8_smooth is accurate where per-tensor fbgemm is not (LayerNorm outliers) at nearly its
+    cost: the same budget is met with less modeled cost than with oneDNN per-token and casts."""
+    model = minilm()
+    feats = features(model, SENTENCES)
+    with torch.no_grad():
+        ref = model(dict(feats))["sentence_embedding"].clone()
+    without = minilm()
+    run(without, (dict(feats),), min_cosine=0.99, budget_outputs=["sentence_embedding"])
+    run(model, (dict(feats),), min_cosine=0.99, budget_outputs=["sentence_embedding"],
+        timer=FakeTimer(with_smooth))
+    acc, acc0 = aq.get_report(model).accuracy, aq.get_report(without).accuracy
+    assert acc.met and acc0.met, (acc.summary(), acc0.summary())
+    smooth = [n for n, m in model.named_modules()
+              if isinstance(m, QuantizedLinear) and m.candidate.family == "int8_smooth"]
+    assert smooth, aq.report(model)[["layer", "winner"]]
+    assert acc.extra_us < acc0.extra_us, (acc.summary(), acc0.summary())
+    with torch.no_grad():
+        cos = sample_cosines(ref, model(dict(feats))["sentence_embedding"])
+    assert float(cos.mean()) >= 0.99 and float(cos.mean()) == pytest.approx(acc.cosine_mean, abs=1e-6)
+
+
 def test_budget_on_every_output_with_manual_finalize_and_min_sqnr():
     """No budget_outputs: token_embeddings (per sentence, padding included) count too; manual
     forwards over two batches; min_sqnr still holds per layer."""

@@ -45,6 +45,26 @@ def test_counts_and_bounded_sample():
     assert (rec.activations() == 123.0).all(dim=1).any()
 
 
+def test_act_absmax_covers_every_call_not_only_the_sample():
+    """Calibrated candidates (int8_smooth) read the per-input-channel absmax over EVERY recorded
+    row: an outlier in a row the bounded sample drops still counts."""
+    lin, _ = wrapped_linear(rows=4)
+    rec = lin.weight.record
+    assert rec.act_absmax() is None
+    calls = [torch.randn(4, 8) for _ in range(3)] + [torch.randn(2, 3, 8).bfloat16().float()]
+    calls[1][0, 5] = -50.0  # row 0 of call 2: the sample keeps only row M // 2 of later calls
+    for x in calls:
+        lin(x)
+    want = torch.cat([x.reshape(-1, 8) for x in calls]).abs().amax(0)
+    got = rec.act_absmax()
+    assert got.dtype == torch.float32 and got.shape == (8,)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[5] == 50.0 and rec.activations().abs().amax() < 50.0
+    got.zero_()  # a copy: the record is unchanged
+    assert rec.act_absmax()[5] == 50.0
+    assert copy.deepcopy(rec).act_absmax()[5] == 50.0
+
+
 def test_bias_free_and_dtype_logged():
     lin, _ = wrapped_linear(bias=False)
     lin.to(torch.bfloat16)
