@@ -6,7 +6,7 @@
 """
 
 from .accuracy import BudgetResult
-from .api import DEFAULT_CACHE, autoquant, finalize, get_report, report
+from .api import DEFAULT_CACHE, autoquant, cancel, finalize, get_report, is_recording, report
 from .bench import BenchConfig, CountingTimer, CpuTimer, CudaTimer, FakeTimer
 from .config import CostModel, TuneConfig
 from .hardware import AUTOQUANT_VERSION as __version__
@@ -21,7 +21,7 @@ from .subclass import AutoQuantizableLinearWeight
 from .tune import CudaFaultError
 
 __all__ = [
-    "__version__", "autoquant", "finalize", "report", "get_report", "DEFAULT_CACHE",
+    "__version__", "autoquant", "cancel", "finalize", "is_recording", "report", "get_report", "DEFAULT_CACHE",
     "BenchConfig", "CountingTimer", "CpuTimer", "CudaTimer", "FakeTimer", "CostModel", "TuneConfig",
     "BenchKey", "Measurement", "OpShape", "Timed", "MemoryStore", "Store", "AutoQuantizableLinearWeight",
     "apply_plan", "load_plan", "save_plan", "pretune", "quantize", "ShapeProfile", "record_shapes", "save", "load",

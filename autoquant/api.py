@@ -33,7 +33,8 @@ from .store import MemoryStore, SafeStore, Store
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
 from .tune import ON_MISS, _return_freed_memory, tune_ops
 
-__all__ = ["autoquant", "finalize", "report", "DEFAULT_CACHE", "get_report"]
+__all__ = ["autoquant", "cancel", "finalize", "is_recording", "record_reference", "report", "DEFAULT_CACHE",
+           "get_report"]
 
 log = logging.getLogger("autoquant")
 
@@ -283,6 +284,48 @@ def _call(module: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, tuple):
         return module(*example_input)
     return module(example_input)
+
+
+def is_recording(model: nn.Module) -> bool:
+    """Whether `model` is between ``autoquant(model, ...)`` and its finalize (recording shapes)."""
+    return hasattr(_root(model), _SESSION_ATTR)
+
+
+def cancel(model: nn.Module) -> nn.Module:
+    """Undo ``autoquant(model, ...)`` on a model that is still recording: every layer gets its
+    plain float weight Parameter back and autoquant's hooks are removed, so the model is as it was
+    before (e.g. after a failed example run). Nothing is tuned, stored or reported. A model that
+    is not recording is returned unchanged. Returns `model`.
+
+    >>> m = torch.nn.Linear(8, 4)
+    >>> _ = autoquant(m, manual=True, cache=None, progress=False)
+    >>> is_recording(m), type(cancel(m).weight).__name__, is_recording(m)
+    (True, 'Parameter', False)
+    """
+    root = _root(model)
+    session: _Session | None = root.__dict__.pop(_SESSION_ATTR, None)
+    if session is None:
+        return model
+    for lin in session.layers.values():
+        restore_float(lin)
+    for handle in [*session.hooks, session.capture]:
+        if handle is not None:
+            handle.remove()
+    session.hooks.clear()
+    session.capture = None
+    return model
+
+
+def record_reference(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> bool:
+    """With ``min_cosine``: add one call of `model` (its arguments and float `output`) to the
+    calls the accuracy budget is verified on. The model's own forward hook does this for calls
+    of ``model(...)``; a caller that runs ``model.forward(...)`` directly (which fires no hook)
+    records it here. False where `model` is not recording with a budget (nothing to do)."""
+    session: _Session | None = getattr(_root(model), _SESSION_ATTR, None)
+    if session is None or session.recorded is None:
+        return False
+    session.recorded.record(_root(model), args, kwargs, output)
+    return True
 
 
 def _first_call_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:

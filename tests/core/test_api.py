@@ -488,3 +488,40 @@ def test_winner_that_fails_to_build_is_kept_float_and_said(caplog):
     assert "building the winner failed" in caplog.text
     torch.testing.assert_close(model(x), torch.nn.functional.linear(x, model[0].weight, model[0].bias),
                                rtol=0, atol=0)
+
+
+def test_cancel_gives_the_float_model_back():
+    """autoquant.cancel undoes a recording autoquant(): plain float Parameters with the same
+    values, no hooks left, nothing tuned; the lazy one-liner does not fire afterwards."""
+    model = mlp()
+    x = torch.randn(8, 64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    timer = fake({("int8_dynamic", "fbgemm"): 1e-7})
+    autoquant(model, cache=None, progress=False, timer=timer)  # lazy: tunes on the first call
+    assert aq.is_recording(model) and isinstance(model[0].weight, AutoQuantizableLinearWeight)
+    assert aq.cancel(model) is model
+    assert not aq.is_recording(model)
+    for n, p in model.named_parameters():
+        assert type(p) is nn.Parameter and torch.equal(p, before[n]), n
+    y = model(x)  # no hook left: a plain float forward, nothing tuned
+    assert all(type(m) is nn.Linear for m in layers_of(model))
+    assert timer.calls == 0 and timer.quick_calls == 0
+    torch.testing.assert_close(y, nn.functional.linear(torch.relu(nn.functional.linear(
+        x, before["0.weight"], before["0.bias"])), before["2.weight"], before["2.bias"]))
+    assert aq.cancel(model) is model  # nothing to cancel: unchanged
+    autoquant(model, x, cache=None, progress=False, timer=timer)  # and it can be tuned again
+    assert isinstance(model[0], QuantizedLinear)
+
+
+def test_record_reference_needs_a_budget():
+    from autoquant.api import record_reference
+
+    model = mlp()
+    x = torch.randn(8, 64)
+    autoquant(model, manual=True, cache=None, progress=False, timer=fake({}))
+    assert record_reference(model, (x,), {}, model(x)) is False  # no min_cosine: nothing to record
+    aq.cancel(model)
+    autoquant(model, manual=True, cache=None, progress=False, timer=fake({}), min_cosine=0.9)
+    assert record_reference(model, (x,), {}, model(x)) is True
+    aq.cancel(model)
+    assert record_reference(model, (x,), {}, model(x)) is False  # not recording any more
