@@ -28,6 +28,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,45 +134,36 @@ def main(argv: list[str] | None = None) -> int:
           f"threads per worker: 1 worker {threads_for(1)}, 2 workers {threads_for(2)}")
     print(f"{'backend':11s} {'run':>3s} {'1 worker s':>10s} {'2 workers s':>11s} {'ratio':>6s} "
           f"{'claim ms/unit':>13s} {'dup keys':>8s}")
+    def one_run(name: str, srv: Any, tag: str, n: int) -> tuple[float, float, int]:
+        """`n` workers on a fresh cache: (seconds, claim ms per unit, keys timed by two workers)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'cache.sqlite'}" if srv is None else srv.create_schema("bench_worker", tag)
+            _fill(url, args.ops)
+            log = Path(tmp) / "timings.log"
+            secs, units, claim_s = _run_workers(url, n, args.cost_ms, log, threads_for(n))
+            if units != args.ops:
+                raise SystemExit(f"{name}: {units} units done, expected {args.ops}")
+            if srv is not None:
+                srv.drop_schema("bench_worker", tag)
+            return secs, claim_s / units * 1e3, _duplicates(log)
+
     try:
         for name, srv in backends:
             ratios, claim_ms, dups = [], [], 0
             for run in range(args.runs):
                 times = []
                 for n in (1, 2):
-                    with tempfile.TemporaryDirectory() as tmp:
-                        if srv is None:
-                            url = f"sqlite:///{Path(tmp) / 'cache.sqlite'}"
-                        else:
-                            url = srv.create_schema("bench_worker", f"r{run}_{n}")
-                        _fill(url, args.ops)
-                        log = Path(tmp) / "timings.log"
-                        secs, units, claim_s = _run_workers(url, n, args.cost_ms, log, threads_for(n))
-                        times.append(secs)
-                        if units != args.ops:
-                            raise SystemExit(f"{name}: {units} units done, expected {args.ops}")
-                        claim_ms.append(claim_s / units * 1e3)
-                        dups += _duplicates(log)
-                        if srv is not None:
-                            srv.drop_schema("bench_worker", f"r{run}_{n}")
+                    secs, ms, d = one_run(name, srv, f"r{run}_{n}", n)
+                    times.append(secs)
+                    claim_ms.append(ms)
+                    dups += d
                 ratios.append(times[0] / times[1])
                 print(f"{name:11s} {run:3d} {times[0]:10.2f} {times[1]:11.2f} {ratios[-1]:6.2f} "
                       f"{claim_ms[-1]:13.2f} {dups:8d}")
             for run in range(args.dup_runs):
-                with tempfile.TemporaryDirectory() as tmp:
-                    if srv is None:
-                        url = f"sqlite:///{Path(tmp) / 'cache.sqlite'}"
-                    else:
-                        url = srv.create_schema("bench_worker", f"d{run}")
-                    _fill(url, args.ops)
-                    log = Path(tmp) / "timings.log"
-                    secs, units, claim_s = _run_workers(url, 2, args.cost_ms, log, threads_for(2))
-                    if units != args.ops:
-                        raise SystemExit(f"{name}: {units} units done, expected {args.ops}")
-                    claim_ms.append(claim_s / units * 1e3)
-                    dups += _duplicates(log)
-                    if srv is not None:
-                        srv.drop_schema("bench_worker", f"d{run}")
+                _secs, ms, d = one_run(name, srv, f"d{run}", 2)
+                claim_ms.append(ms)
+                dups += d
             runs = args.runs + args.dup_runs
             print(f"{name:11s} median throughput 2 vs 1 worker: {statistics.median(ratios):.2f}x "
                   f"({args.runs} runs); claim overhead per unit median {statistics.median(claim_ms):.2f} ms "
