@@ -11,6 +11,11 @@ bench_e2e builds it), fp32 at M in {1, 64}; and the stack in bf16 at M=1. Varian
 - ``quantize_dynamic``: ``torch.ao.quantization.quantize_dynamic`` int8, eager (fp32 models only:
   its fbgemm kernel takes float32 activations).
 
+With ``--kernel NAME`` (a candidate's name as ``default_candidates`` lists it, e.g.
+``"int8_dynamic(kernel=fbgemm)"``) nothing is tuned: a plan gives every linear layer that kernel
+(``apply_plan``), so the variants compare one known plan however loaded the machine is while
+tuning; ``compile -> aq`` is then left out (it is the same plan, compiled).
+
 Every variant is timed in paired rounds: each round runs a block of calls of every variant, in an
 order rotated per round, under ``torch.no_grad()`` with gc paused and a fixed thread count; each
 ratio is the median of the per-round ratios to ``aq eager`` (p25-p75 shown), so drift and a
@@ -19,6 +24,7 @@ neighbour's bursts hit every variant of a round alike. Also prints the load aver
     python benchmarks/bench_compile.py                   # full (minutes: inductor compiles)
     python benchmarks/bench_compile.py --tiny            # small sizes, a smoke run
     python benchmarks/bench_compile.py --only stack --rounds 41
+    python benchmarks/bench_compile.py --only stack --kernel "int8_dynamic(kernel=fbgemm)"
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from torch import Tensor, nn
 
 from autoquant import autoquant
 from autoquant.bench import fixed_threads, quantiles
+from autoquant.candidates import default_candidates
+from autoquant.plan import PLAN_FORMAT, PLAN_VERSION, apply_plan
 from autoquant.store import MemoryStore
 
 
@@ -88,17 +96,33 @@ class _Logits(nn.Module):
         return self.model(ids, use_cache=False).logits
 
 
-def variants(model: nn.Module, x: Tensor, fp32: bool) -> dict[str, Callable[[], Any]]:
+def fixed_plan(model: nn.Module, kernel: str, dtype: torch.dtype) -> nn.Module:
+    """`model` with every nn.Linear finalized as the candidate named `kernel` (no tuning)."""
+    by_name = {c.name: c for c in default_candidates(torch.device("cpu"), dtype)}
+    if kernel not in by_name:
+        raise SystemExit(f"--kernel {kernel!r} is not a CPU candidate for {dtype}; one of: {sorted(by_name)}")
+    c = by_name[kernel]
+    layers = {name: {"kind": "candidate", "family": c.family, "params": c.params()}
+              for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    return apply_plan(model, {"format": PLAN_FORMAT, "version": PLAN_VERSION, "environment": None, "layers": layers})
+
+
+def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None) -> dict[str, Callable[[], Any]]:
     store = MemoryStore()
     with torch.no_grad():
-        eager = autoquant(copy.deepcopy(model), x, cache=store, progress=False)
+        if kernel is None:
+            eager = autoquant(copy.deepcopy(model), x, cache=store, progress=False)
+        else:
+            eager = fixed_plan(copy.deepcopy(model), kernel, x.dtype if x.is_floating_point() else torch.float32)
         then_compile = torch.compile(copy.deepcopy(eager))
-        compile_first = autoquant(torch.compile(copy.deepcopy(model)), x, cache=store, progress=False)
     out: dict[str, Callable[[], Any]] = {
         "aq eager": lambda: eager(x),
         "aq -> compile": lambda: then_compile(x),
-        "compile -> aq": lambda: compile_first(x),
     }
+    if kernel is None:
+        with torch.no_grad():
+            compile_first = autoquant(torch.compile(copy.deepcopy(model)), x, cache=store, progress=False)
+        out["compile -> aq"] = lambda: compile_first(x)
     if fp32:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
@@ -154,12 +178,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=("stack", "llama", "bf16"), default=None)
+    parser.add_argument("--kernel", default=None,
+                        help='no tuning: every linear layer runs this candidate, e.g. "int8_dynamic(kernel=fbgemm)"')
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.tiny else 31)
     block_s = 0.02 if args.tiny else 0.2
     h, f, blocks = (128, 352, 2) if args.tiny else (1024, 2752, 6)
     llama_h, llama_layers = (128, 1) if args.tiny else (512, 4)
-    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} paired rounds")
+    plan_note = f", every linear layer {args.kernel} (no tuning)" if args.kernel else ""
+    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} paired rounds{plan_note}")
     with fixed_threads(args.threads):
         cases: list[tuple[str, Callable[[], nn.Module], Callable[[int], Tensor], list[int], bool]] = [
             ("stack fp32", lambda: stack(h, f, blocks, torch.float32), lambda m: torch.randn(m, h), [1, 64], True),
@@ -173,7 +200,7 @@ def main() -> None:
                 continue
             for m in ms:
                 torch._dynamo.reset()
-                fns = variants(make(), make_x(m), fp32)
+                fns = variants(make(), make_x(m), fp32, args.kernel)
                 report(f"{label}, M={m}", paired_rounds(fns, rounds, block_s))
 
 

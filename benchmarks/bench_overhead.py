@@ -56,13 +56,17 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 
 # The raw kernels are called at their C++ entry points (what ``torch.ops.ns.op.default`` wraps):
-# ``torch.ops.quantized.linear_dynamic(...)`` itself spends ~9 us here in Python checking its
-# TorchBind argument, which would hide that much of a layer's overhead.
+# ``torch.ops.quantized.linear_dynamic(...)`` itself walks its arguments in Python looking for fake
+# TorchBind objects, which would hide that much of a layer's overhead. The fbgemm ones run with
+# torch-function handling of subclasses off, as the layers call them (see ``_no_torch_function`` in
+# autoquant/candidates/_cpu_ops.py: otherwise every call looks ``__torch_function__`` up on the
+# TorchBind handle, a thrown exception each time).
 LINEAR_POINTWISE = c_op("mkldnn::_linear_pointwise")
 LINEAR_DYNAMIC_FP16 = c_op("quantized::linear_dynamic_fp16")
 LINEAR_DYNAMIC = c_op("quantized::linear_dynamic")
 QLINEAR_POINTWISE = c_op("onednn::qlinear_pointwise")
 INT4PACK_MM = c_op("aten::_weight_int4pack_mm_for_cpu")
+NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass
 
 
 def _handle(kind: str, *sources: Tensor) -> Any:
@@ -87,15 +91,26 @@ def _raw_float(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
         return lambda: LINEAR_POINTWISE(x.to(cd), h, b.to(cd), "none", [], "").to(x.dtype)
     h = _handle("fbgemm_fp16", w)
     if x.dtype == F32:
-        return lambda: LINEAR_DYNAMIC_FP16(x, h).add_(b)
-    return lambda: LINEAR_DYNAMIC_FP16(x.float(), h).add_(b).to(x.dtype)
+        def fp16() -> Tensor:
+            with NO_TORCH_FUNCTION():
+                return LINEAR_DYNAMIC_FP16(x, h).add_(b)
+        return fp16
+
+    def fp16_cast() -> Tensor:
+        with NO_TORCH_FUNCTION():
+            return LINEAR_DYNAMIC_FP16(x.float(), h).add_(b).to(x.dtype)
+    return fp16_cast
 
 
 def _raw_int8_dynamic(layer: QuantizedLinear, x: Tensor) -> Callable[[], Tensor]:
     q, s, b = layer.w_int8, layer.w_scale, layer.bias
     if layer.candidate.kernel == "fbgemm":
         h = _handle("fbgemm_int8", q, s)
-        return lambda: LINEAR_DYNAMIC(x, h, True).add_(b)
+
+        def fbgemm() -> Tensor:
+            with NO_TORCH_FUNCTION():
+                return LINEAR_DYNAMIC(x, h, True).add_(b)
+        return fbgemm
     packed, zp = _handle("onednn_int8", q, s)
 
     def onednn() -> Tensor:  # uint8_act_per_token_offset(x, 63, 64) in its fewest ops (x is float32)

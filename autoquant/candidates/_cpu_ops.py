@@ -214,13 +214,28 @@ def c_op(qualname: str) -> Callable[..., Any]:
 
     What eager calls use instead of ``torch.ops.ns.name(...)``: the Python ``__call__`` of an op
     whose schema takes a TorchBind object (fbgemm's prepacked weights) walks every argument with
-    pytree looking for fake script objects, 9-10 us per call measured here (more than fbgemm's int8
-    kernel itself at M=1), and any other overload's adds one Python frame. Eager calls pass real
-    handles, so the check has nothing to find. Traced code never comes here (it calls the
-    registered custom ops). Falls back to the overload itself where torch has no ``_op``."""
+    pytree looking for fake script objects, and any other overload's adds one Python frame. Eager
+    calls pass real handles, so the check has nothing to find. (The larger per-call cost of such
+    ops, the ``__torch_function__`` lookup on the handle, is in the C++ entry too: see
+    ``_no_torch_function``.) Traced code never comes here (it calls the registered custom ops).
+    Falls back to the overload itself where torch has no ``_op``."""
     ns, name = qualname.split("::")
     overload = getattr(getattr(torch.ops, ns), name).default
     return getattr(overload, "_op", overload)
+
+
+# fbgemm's ops take the prepacked handle, a TorchScript object. Calling such an op from Python
+# checks every argument for ``__torch_function__``; the handle has none, and ScriptObject's
+# ``__getattr__`` answers a missing name by throwing a C++ exception (turned into a Python
+# AttributeError and dropped): on every call, eager closures and registered op alike, and at small
+# shapes it costs more than fbgemm's int8 kernel itself (``getattr(handle, "__torch_function__",
+# None)`` alone shows it; benchmarks/bench_overhead.py's fbgemm rows, before and after). With
+# torch-function handling of subclasses off for the call (``DisableTorchFunctionSubclass``) the
+# check is skipped: the same kernel call, no exception. Only for an exact ``Tensor`` x (a
+# subclass's own ``__torch_function__`` must still run), and inside the op bodies, where the
+# dispatcher has done any such handling already. Torch-function modes are unaffected.
+_no_torch_function = torch._C.DisableTorchFunctionSubclass
+_Tensor = torch.Tensor
 
 
 # ---- builders (what prepare() and a cache miss run) -----------------------------------------------
@@ -284,13 +299,16 @@ def _onednn_linear_impl(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _fbgemm_fp16_impl(x: Tensor, w: Tensor) -> Tensor:
-    return c_op("quantized::linear_dynamic_fp16")(x, PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16))
+    handle = PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16)
+    with _no_torch_function():  # see _no_torch_function: no exception per call
+        return c_op("quantized::linear_dynamic_fp16")(x, handle)
 
 
 def _fbgemm_int8_impl(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     # reduce_range=True: 7-bit activation codes (int16 pair saturation on AVX2, see int8_dynamic.py).
     handle = PREPACK_CACHE.get("fbgemm_int8", (w_int8, w_scale), _build_fbgemm_int8)
-    return c_op("quantized::linear_dynamic")(x, handle, True)
+    with _no_torch_function():  # see _no_torch_function: no exception per call
+        return c_op("quantized::linear_dynamic")(x, handle, True)
 
 
 def _onednn_qlinear_impl(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
@@ -375,7 +393,11 @@ def fbgemm_fp16_linear(x: Tensor, w: Tensor) -> Tensor:
     """float32 `x` [M, K] times the fp16 weight `w` [N, K], float32 accumulation and output."""
     if tracing():
         return _fbgemm_fp16_op(x, w)
-    return c_op("quantized::linear_dynamic_fp16")(x, PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16))
+    handle = PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16)
+    if type(x) is _Tensor:
+        with _no_torch_function():
+            return c_op("quantized::linear_dynamic_fp16")(x, handle)
+    return c_op("quantized::linear_dynamic_fp16")(x, handle)
 
 
 def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
@@ -383,6 +405,9 @@ def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     if tracing():
         return _fbgemm_int8_op(x, w_int8, w_scale)
     handle = PREPACK_CACHE.get("fbgemm_int8", (w_int8, w_scale), _build_fbgemm_int8)
+    if type(x) is _Tensor:
+        with _no_torch_function():
+            return c_op("quantized::linear_dynamic")(x, handle, True)
     return c_op("quantized::linear_dynamic")(x, handle, True)
 
 
@@ -499,6 +524,7 @@ def eager_fbgemm_fp16(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
     if not dtype.is_floating_point or (b is not None and b.dtype != dtype) or not _on_cpu(w, b):
         return None
     op, memo, cast = c_op("quantized::linear_dynamic_fp16"), _Memo(), dtype != f32
+    plain, no_tf = _Tensor, _no_torch_function
 
     def run(x: Tensor) -> Tensor:
         w = buffers["weight"]
@@ -507,7 +533,13 @@ def eager_fbgemm_fp16(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
             h = memo.handle
         else:
             h = memo.refill("fbgemm_fp16", (w,), _build_fbgemm_fp16)
-        y = op(x.to(f32) if cast else x, h)
+        if cast:
+            x = x.to(f32)
+        if type(x) is plain:
+            with no_tf():  # see _no_torch_function: no exception per call
+                y = op(x, h)
+        else:
+            y = op(x, h)
         bias = buffers["bias"]
         if bias is not None:
             y = y.add_(bias)
@@ -521,6 +553,7 @@ def eager_fbgemm_int8(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
     if dtype != torch.float32 or (b is not None and b.dtype != dtype) or not _on_cpu(w, s, b):
         return None
     op, memo = c_op("quantized::linear_dynamic"), _Memo()
+    plain, no_tf = _Tensor, _no_torch_function
 
     def run(x: Tensor) -> Tensor:
         w, s = buffers["w_int8"], buffers["w_scale"]
@@ -529,7 +562,11 @@ def eager_fbgemm_int8(buffers: dict[str, Tensor], dtype: torch.dtype) -> Callabl
             h = memo.handle
         else:
             h = memo.refill("fbgemm_int8", (w, s), _build_fbgemm_int8)
-        y = op(x, h, True)
+        if type(x) is plain:
+            with no_tf():  # see _no_torch_function: no exception per call
+                y = op(x, h, True)
+        else:
+            y = op(x, h, True)
         bias = buffers["bias"]
         return y if bias is None else y.add_(bias)
 
