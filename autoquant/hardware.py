@@ -29,7 +29,7 @@ __all__ = ["AUTOQUANT_VERSION", "CudaFacts", "Environment", "NvmlDevice", "envir
 
 log = logging.getLogger("autoquant")
 
-AUTOQUANT_VERSION = "0.2.2"
+AUTOQUANT_VERSION = "0.3.0"
 
 # CPU flags that decide which CPU kernels exist or are fast (fbgemm/oneDNN int8 paths, bf16 units).
 _CPU_FLAGS_OF_INTEREST = (

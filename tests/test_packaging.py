@@ -35,7 +35,7 @@ def test_installed_package_imports_from_elsewhere(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
                          text=True, timeout=120)
-    assert out.stdout.split() == ["0.2.2", "autoquant.kernels", "autoquant.cache_db"]
+    assert out.stdout.split() == ["0.3.0", "autoquant.kernels", "autoquant.cache_db"]
 
 
 def test_import_has_no_side_effects(tmp_path):
