@@ -13,8 +13,8 @@ from .hardware import AUTOQUANT_VERSION as __version__
 from .keys import BenchKey, Measurement, OpShape, Timed
 from .plan import apply_plan, load_plan, save_plan
 from .pretune import pretune
-from .quantize import quantize
 from .profile import ShapeProfile, record_shapes
+from .quantize import quantize
 from .serialize import load, save
 from .store import MemoryStore, Store
 from .subclass import AutoQuantizableLinearWeight

@@ -1,4 +1,10 @@
-"""The public verbs: ``autoquant``, ``finalize``, ``report``. Thin orchestration only.
+"""The public verbs: ``autoquant``, ``finalize``, ``report`` and friends. Thin orchestration only.
+
+Contract: ``autoquant()`` checks its arguments, picks the layers, starts the recording session
+(:mod:`autoquant.session`) and, unless manual, finalizes; ``cancel``, ``is_recording`` and
+``record_reference`` act on a session; ``get_report`` / ``report`` read a finalized model's report.
+``finalize`` itself lives in :mod:`autoquant.finalize` and is re-exported here. One reason: the
+user-facing surface stays small and readable, with the work done in the modules it calls.
 
 >>> import torch
 >>> from autoquant import autoquant
@@ -13,65 +19,28 @@ torch.Size([4, 8])
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .accuracy import BudgetResult, RecordedCalls, enforce_budget
-from .bench import BenchConfig, Timer, default_timer
-from .candidates import Candidate, QuantizedLinear, default_candidates, get_family
+from .bench import BenchConfig, Timer
+from .candidates import Candidate, QuantizedLinear, get_family
 from .config import CostModel, TuneConfig
-from .finalize import build_layer, copy_hooks, replace_module, restore_float
-from .hardware import environment
-from .keys import OpShape
+from .finalize import finalize
+from .layers import restore_float
+from .outputs import RecordedCalls
 from .report import TuningReport
-from .selection import LayerPlan, is_baseline, select_layer
-from .store import MemoryStore, SafeStore, Store
+from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _hf, _root, _Session
+from .session import _candidates_for as _candidates_for  # re-exported: pretune, worker import it
+from .session import _store_for as _store_for  # re-exported: quantize imports it from here
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
-from .tune import ON_MISS, _return_freed_memory, tune_ops
+from .tune import ON_MISS
 
 __all__ = ["autoquant", "cancel", "finalize", "is_recording", "record_reference", "report", "DEFAULT_CACHE",
            "get_report"]
 
 log = logging.getLogger("autoquant")
-
-
-class _DefaultCache:
-    def __repr__(self) -> str:
-        return "<default cache: $AUTOQUANT_CACHE_URL or the user cache dir>"
-
-
-DEFAULT_CACHE: Any = _DefaultCache()
-_SESSION_ATTR = "_autoquant_session"
-_REPORT_ATTR = "_autoquant_report"
-_process_store: MemoryStore | None = None
-
-
-@dataclass
-class _Session:
-    """What autoquant() set up and finalize() consumes; lives on the model until finalize."""
-
-    config: TuneConfig
-    layers: dict[str, nn.Linear]
-    records: dict[str, LayerRecord]
-    skipped: dict[str, str]
-    candidates: tuple[Candidate | str, ...] | None
-    cache: Any
-    timer: Timer | None
-    progress: bool
-    on_miss: str = "bench"
-    hooks: list[Any] = field(default_factory=list)
-    # With min_cosine: the model's recorded calls and float outputs, and the hook collecting them.
-    recorded: RecordedCalls | None = None
-    capture: Any = None
-
-
-def _root(model: nn.Module) -> nn.Module:
-    """The module that owns the layers: a torch.compile wrapper's original module, else itself."""
-    return getattr(model, "_orig_mod", model)
 
 
 def _parse_candidates(candidates: Iterable[Any] | None) -> tuple[Candidate | str, ...] | None:
@@ -254,19 +223,6 @@ def autoquant(
     return model
 
 
-def _hf(root: nn.Module) -> Any:
-    """autoquant.hf for a transformers model (it has `config` and `can_generate`), else None."""
-    if not (hasattr(root, "config") and callable(getattr(root, "can_generate", None))):
-        return None
-    try:
-        from . import hf  # noqa: PLC0415 - transformers is importable: the model is one of its classes
-    except ImportError as exc:  # a transformers without the quantizer registry: plain forwards then
-        log.warning("autoquant: %s; tuning this transformers model on plain forwards (no generate-aware "
-                    "recording, save_pretrained writes the float model)", exc)
-        return None
-    return hf
-
-
 def _parse_outputs(names: Sequence[str] | None, min_cosine: float | None) -> tuple[str, ...] | None:
     if names is None:
         return None
@@ -342,200 +298,6 @@ def _first_call_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         root(*args, **kwargs)
     finalize(model)
     return None
-
-
-def _store_for(cache: Any, custom_timer: bool) -> tuple[Store, str | None]:
-    """The store for `cache`. cache=None keeps measurements in memory: one store per process for
-    the real harness, a fresh one per call when a custom timer is injected (its figures must never
-    be mistaken for real timings by a later call)."""
-    global _process_store
-    if cache is None:
-        if custom_timer:
-            return MemoryStore(), None
-        if _process_store is None:
-            _process_store = MemoryStore()
-        return _process_store, None
-    if hasattr(cache, "get_many") and hasattr(cache, "put_many"):
-        return cache, None
-    from .cache_db import default_cache_url, open_store_or_memory  # noqa: PLC0415 - SQL only when used
-
-    return open_store_or_memory(default_cache_url() if cache is DEFAULT_CACHE else cache)
-
-
-def _candidates_for(op: OpShape, device: torch.device, chosen: tuple[Candidate | str, ...] | None) -> list[Candidate]:
-    base = get_family("float")(kernel="aten")
-    defaults = default_candidates(device, op.torch_dtype)
-    if chosen is None:
-        return list(dict.fromkeys([base, *defaults]))
-    cands: list[Candidate] = []
-    for c in chosen:
-        cands.extend([x for x in defaults if x.family == c] if isinstance(c, str) else [c])
-    return list(dict.fromkeys([base, *cands]))
-
-
-def finalize(model: nn.Module) -> nn.Module:
-    """Tune what the recorded forwards saw and swap every layer for its winner; returns `model`.
-
-    Layers never called stay float and are listed as unseen in ``autoquant.report(model)``.
-    Interrupting (Ctrl-C) leaves every layer in float and the cache consistent.
-    """
-    root = _root(model)
-    session: _Session | None = getattr(root, _SESSION_ATTR, None)
-    if session is None:
-        if hasattr(root, _REPORT_ATTR):
-            log.warning("autoquant.finalize: model already finalized; nothing to do")
-            return model
-        raise RuntimeError("autoquant.finalize(model) needs autoquant(model, manual=True) first")
-    started = time.perf_counter()
-    if session.layers and not any(r.calls for r in session.records.values()):
-        log.warning("autoquant.finalize: no forward pass was recorded, so every layer stays float; "
-                    "run the model on representative inputs before finalize")
-    if session.capture is not None:
-        session.capture.remove()
-        session.capture = None
-    try:
-        if session.recorded is not None and (session.recorded.calls or any(r.calls for r in session.records.values())):
-            session.recorded.check()  # before tuning: a budget that cannot be checked fails fast
-        tuning = _tune_session(session)
-        budget, built = _budget(root, session, tuning[0]) if session.recorded is not None else (None, {})
-    except BaseException:
-        for lin in session.layers.values():
-            restore_float(lin)
-        for handle in session.hooks:
-            handle.remove()
-        object.__delattr__(root, _SESSION_ATTR)
-        raise
-    plans, envs, store_desc, warnings_ = tuning
-    if budget is not None and not budget.met:
-        warnings_.append(f"autoquant: accuracy budget min_cosine={budget.min_cosine} not met: {budget.note}")
-    names = list(session.layers)
-    _return_freed_memory()  # what selection freed (its trial builds), before the winners are built
-    for name in names:
-        # Taken out of the session as it is swapped: the float layer (and its weight, unless the
-        # caller holds it) is freed before the next winner is built, so finalizing never holds
-        # the float model and the quantized one whole side by side.
-        lin = session.layers.pop(name)
-        plan = plans[name]
-        new = None
-        try:
-            new = built.pop(name) if name in built else build_layer(plan, lin, session.records[name].act_absmax())
-        except Exception as exc:  # the model must never be taken down by one layer
-            plan.status = f"kept float: building the winner failed ({type(exc).__name__}: {exc})"
-            plan.winner, plan.dispatch, plan.cost = None, None, plan.baseline_cost
-            log.warning("layer %s %s", name, plan.status)
-        if new is None:
-            restore_float(lin)
-        else:
-            copy_hooks(lin, new)
-            new.train(lin.training)
-            replace_module(root, name, new)
-        del lin, new
-        _return_freed_memory()
-    for handle in session.hooks:
-        handle.remove()
-    object.__delattr__(root, _SESSION_ATTR)
-    rep = TuningReport(
-        layers=[plans[n] for n in names], skipped=dict(session.skipped), environments=envs,
-        cost_model=session.config.cost_model, min_sqnr=session.config.min_sqnr, cache=store_desc,
-        deployment=session.config.deployment,
-        seconds=time.perf_counter() - started, warnings=warnings_, accuracy=budget,
-    )
-    object.__setattr__(root, _REPORT_ATTR, rep)
-    rep.log_summary()
-    hf = _hf(root)
-    if hf is not None:
-        hf.attach(root)  # save_pretrained now writes the quantized model
-    return model
-
-
-def _budget(root: nn.Module, session: _Session, plans: dict[str, LayerPlan]
-            ) -> tuple[BudgetResult, dict[str, nn.Module | None]]:
-    """Meet session.config.min_cosine on the recorded calls (accuracy.enforce_budget): the layers
-    get their plain float weights back first, so the checking forwards record nothing."""
-    assert session.recorded is not None and session.config.min_cosine is not None
-    cfg = session.config
-    if not session.recorded.calls:
-        note = "no forward pass was recorded, so every layer stays float and nothing was verified"
-        return BudgetResult(cfg.min_cosine, None, None, 0, met=True, note=note, outputs=session.recorded.outputs), {}
-    for lin in session.layers.values():
-        restore_float(lin)
-    return enforce_budget(root, session.layers, plans, session.recorded, cfg.min_cosine,
-                          margin=cfg.budget_margin, rounds=cfg.verify_rounds,
-                          act_absmax={n: a for n, r in session.records.items() if (a := r.act_absmax()) is not None})
-
-
-def _tune_session(session: _Session) -> tuple[dict[str, LayerPlan], list[Any], str, list[str]]:
-    warnings_: list[str] = []
-    store, problem = _store_for(session.cache, session.timer is not None)
-    if problem:
-        warnings_.append(problem)
-    safe = SafeStore(store)
-    by_device: dict[torch.device, dict[OpShape, list[Candidate]]] = {}
-    for name, lin in session.layers.items():
-        device = lin.weight.device
-        for op in session.records[name].counts:
-            if op.m > 0:
-                by_device.setdefault(device, {})[op] = _candidates_for(op, device, session.candidates)
-    trials: dict[torch.device, dict] = {}
-    envs = []
-    for device, ops in by_device.items():
-        env = environment(device)
-        envs.append(env)
-        timer = session.timer or default_timer(device, session.config.bench)
-        trials[device] = tune_ops(ops, device, safe, timer, session.config, progress=session.progress,
-                                  env=env, on_miss=session.on_miss)
-    if safe.failure:
-        warnings_.append(safe.failure)
-    plans: dict[str, LayerPlan] = {}
-    for name, lin in session.layers.items():
-        rec = session.records[name]
-        ops = {op: n for op, n in rec.counts.items() if op.m > 0}
-        weight = lin.weight.unwrap() if isinstance(lin.weight, AutoQuantizableLinearWeight) else lin.weight.detach()
-        bias = None if lin.bias is None else lin.bias.detach()
-        device_trials = trials.get(weight.device, {})
-        plans[name] = select_layer(name, ops, device_trials, weight, bias, rec.activations(), session.config,
-                                   act_absmax=rec.act_absmax())
-    timed_any = any(t.ok for dev in trials.values() for per in dev.values() for t in per.values())
-    f64 = sorted(name for name, rec in session.records.items()
-                 if any(op.m > 0 and op.dtype == "float64" for op in rec.counts))
-    for name in f64:
-        if plans[name].winner is None or is_baseline(plans[name].winner):
-            plans[name].status = f"kept float: {_FLOAT64}"
-    if by_device and not timed_any:
-        if f64 and len(f64) == sum(1 for r in session.records.values() if r.calls):
-            msg = f"autoquant: nothing was timed and the model stays float: {_FLOAT64}"
-        else:
-            msg = "autoquant: NOTHING could be timed (every candidate failed or no timing backend): the model stays float"
-        log.error("%s", msg)
-        warnings_.append(msg)
-    warnings_.extend(_nonfinite_notes(session, plans))
-    return plans, envs, safe.describe(), warnings_
-
-
-_FLOAT64 = ("no quantized kernel takes float64 activations; cast the model and its inputs to float32 "
-            "or bfloat16 (model.float() / model.bfloat16()) and run autoquant again")
-
-
-def _nonfinite_notes(session: _Session, plans: dict[str, LayerPlan]) -> list[str]:
-    """Say why layers whose recorded activations hold NaN or Inf stayed float: their accuracy
-    cannot be measured (SQNR of NaN), so no quantized kernel can be shown to be safe."""
-    bad = []
-    for name, rec in session.records.items():
-        acts = rec.activations()
-        if acts is None or bool(torch.isfinite(acts).all()):
-            continue
-        bad.append(name)
-        plan = plans.get(name)
-        if plan is not None and (plan.winner is None or is_baseline(plan.winner)):
-            plan.status = ("kept float: its recorded activations hold NaN or Inf (from the example input or "
-                           "an earlier layer), so no quantized kernel's accuracy could be checked; tune on finite inputs")
-    if not bad:
-        return []
-    msg = (f"autoquant: the recorded activations of {len(bad)} layer(s) ({', '.join(bad[:5])}"
-           f"{', ...' if len(bad) > 5 else ''}) hold NaN or Inf: accuracy cannot be measured on them, so "
-           "they stay float unless a winner was found anyway; run autoquant on finite example inputs")
-    log.warning("%s", msg)
-    return [msg]
 
 
 def get_report(model: nn.Module) -> TuningReport:

@@ -55,11 +55,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .api import is_recording
 from .candidates import QuantizedLinear
-from .finalize import copy_hooks, make_layer, replace_module
 from .hardware import AUTOQUANT_VERSION
 from .hf_config import HF_FORMAT, QUANT_METHOD, AutoQuantConfig
 from .hf_generate import ARMED_ATTR as _ARMED_ATTR
 from .hf_generate import arm, finalize_from_profile, generate_example, record_generate, tune
+from .layers import copy_hooks, make_layer, replace_module
 from .plan import ACCURACY_ATTR, choice_of, layer_meta, load_plan, plan_of, shape_mismatch
 
 __all__ = ["AutoQuantConfig", "AutoQuantHfQuantizer", "HF_FORMAT", "QUANT_METHOD", "arm", "attach",

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from .candidates import Candidate, QuantizedLinear, candidate_from_json
-from .finalize import DispatchLinear, copy_hooks, from_linear, replace_module
 from .hardware import Environment, environment
 from .keys import dtype_name, parse_dtype
+from .layers import DispatchLinear, copy_hooks, from_linear, replace_module
+from .outputs import as_calls, cosine_stats, reference_outputs, run_calls
 from .selection import Dispatch, choice_label, is_baseline
 
 __all__ = ["ACCURACY_ATTR", "PLAN_FORMAT", "PLAN_VERSION", "plan_of", "save_plan", "load_plan", "apply_plan", "choice_of", "layer_from_plan", "layer_meta",
@@ -246,7 +247,6 @@ def apply_plan(model: nn.Module, plan: str | os.PathLike[str] | dict, *, strict:
 
 def _apply_verified(model: nn.Module, root: nn.Module, plan: dict[str, Any], strict: bool, inputs: Any,
                     min_cosine: float | None) -> nn.Module:
-    from .accuracy import as_calls, cosine_stats, reference_outputs, run_calls  # noqa: PLC0415
     from .config import check_min_cosine  # noqa: PLC0415
 
     record = plan.get("accuracy") or {}

@@ -18,8 +18,9 @@ from torch import nn
 
 import autoquant as aq
 from autoquant import FakeTimer, autoquant
-from autoquant.accuracy import cosine_stats, floating_outputs, group_of
+from autoquant.accuracy import group_of
 from autoquant.candidates import QuantizedLinear, get_family
+from autoquant.outputs import cosine_stats, floating_outputs
 from autoquant.selection import LayerOption, solve_budget
 
 # (family, kernel, compute_dtype) -> seconds per call; anything else is slow.
