@@ -215,10 +215,10 @@ def gain_tol(device_type: str, dtype: torch.dtype) -> float:
 
 def smooth_inv(act_absmax: Tensor, w: Tensor, alpha: float) -> Tensor:
     """int8_smooth's 1/s (float32, as stored): s_k = a_k^alpha / max_n|w[n,k]|^(1-alpha), clamped to
-    [1e-4, 1e4]; s = 1 where a_k = 0, 1e4 where the weight column is 0."""
+    [1, 1e4] (no channel amplified); s = 1 where a_k = 0, 1e4 where the weight column is 0."""
     a, wmax = act_absmax.double(), w.double().abs().amax(0)
     s = torch.where(wmax > 0, a.pow(alpha) / wmax.pow(1 - alpha), torch.full_like(a, 1e4))
-    s = torch.where(a > 0, s, torch.ones_like(a)).clamp(1e-4, 1e4)
+    s = torch.where(a > 0, s, torch.ones_like(a)).clamp(1.0, 1e4)
     return (1.0 / s).float()
 
 

@@ -79,6 +79,31 @@ def test_smoothing_beats_plain_fbgemm_on_outlier_channels():
     assert smooth0 > plain0 - 1.5, (plain0, smooth0)
 
 
+def test_a_channel_quiet_in_calibration_is_never_amplified():
+    """Smoothing only scales outlier channels DOWN (s >= 1): a channel that was quiet while
+    calibrating may carry an outlier later, and amplified it would set the per-tensor activation
+    scale alone. Compared with the same calibration allowed to amplify (s < 1) on such inputs."""
+    _fbgemm_or_skip()
+    w, b = make_linear(K, N, torch.float32, seed=11)
+    calib = _outlier_input(256, seed=12)
+    calib[:, 9] *= 0.02  # channel 9 almost silent while calibrating
+    absmax = calib.abs().amax(0)
+    c = Int8Smooth("fbgemm", 0.75)
+    inv = c.calibrate(w, absmax)["smooth_inv"]
+    assert bool((inv <= 1.0).all()), inv.max()
+    s = absmax.double().pow(0.75) / w.double().abs().amax(0).pow(0.25)  # unclamped s: some below 1
+    amplifying = (1.0 / s.clamp(1e-4, 1e4)).float()
+    assert float(amplifying[9]) > 2.0
+    later = _outlier_input(64, seed=13, channels=(3, 9, 77, 200))  # channel 9 has an outlier now
+    ref = torch.nn.functional.linear(later.double(), w.double(), b.double())
+
+    def run(smooth_inv: torch.Tensor) -> float:
+        packed = c.quantize(w, calibration={"smooth_inv": smooth_inv})
+        return sqnr(ref, c.build(w, b, packed=packed)(later))
+
+    assert run(inv) > run(amplifying) + 3.0, (run(inv), run(amplifying))
+
+
 def test_packed_state_follows_from_the_calibration_alone():
     _fbgemm_or_skip()
     w, b = make_linear(K, N, torch.float32, seed=5)
