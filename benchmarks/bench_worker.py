@@ -112,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-threads", action="store_true",
                     help="every worker uses all cores (default: the cores split between the workers, "
                          "as `autoquant worker --threads` is meant to be used on one host)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="every worker this many threads (1: the coordination cost alone, no thread effects)")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
 
     def threads_for(n: int) -> int:
+        if args.threads is not None:
+            return args.threads
         return cores if args.shared_threads else max(1, cores // n)
 
     backends: list[tuple[str, object]] = [("sqlite", None)]
