@@ -213,9 +213,10 @@ def _cpu_engine_reason(name: str, device: torch.device, engine: str) -> str | No
     return None
 
 
-@register_kernel(Int8Dynamic, "fbgemm")
-class Int8DynamicFbgemm(Int8Dynamic):
-    """fbgemm: x quantized per TENSOR inside the call (7-bit, see module doc), float32 only."""
+class FbgemmInt8Handle:
+    """For kernels that run fbgemm's int8 op on the packed ``w_int8`` / ``w_scale`` (int8 dynamic's
+    and int8 smooth's fbgemm kernels): the prepacked handle they read, the CPU engine they need, and
+    warming the handle at build time. A mixin listed before the family."""
 
     @property
     def prepack_kind(self) -> str | None:
@@ -228,6 +229,11 @@ class Int8DynamicFbgemm(Int8Dynamic):
         """Warm the prepack cache (the op rebuilds a missing entry itself)."""
         prepack("fbgemm_int8", packed["w_int8"], packed["w_scale"])
         return None
+
+
+@register_kernel(Int8Dynamic, "fbgemm")
+class Int8DynamicFbgemm(FbgemmInt8Handle, Int8Dynamic):
+    """fbgemm: x quantized per TENSOR inside the call (7-bit, see module doc), float32 only."""
 
     def _matmul(self, xq: Tensor, xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:  # pragma: no cover - fbgemm quantizes inside its call

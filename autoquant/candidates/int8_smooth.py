@@ -42,10 +42,10 @@ from torch import Tensor
 
 from ..keys import OpShape
 from ..primitives import smoothing_inv
-from ._cpu_ops import eager_fbgemm_int8, fbgemm_int8_linear, prepack
+from ._cpu_ops import eager_fbgemm_int8, fbgemm_int8_linear
 from ._util import FLOAT_DTYPES, add_bias, bad_dtype_reason, op_dtype
 from .base import Candidate, register, register_kernel
-from .int8_dynamic import Int8Dynamic, _cpu_engine_reason
+from .int8_dynamic import FbgemmInt8Handle, Int8Dynamic
 from .int8_weight_only import dequantize_int8_nk_rowscale, quantize_int8_nk_rowscale
 
 __all__ = ["Int8Smooth", "Int8SmoothFbgemm"]
@@ -110,20 +110,8 @@ class Int8Smooth(Candidate):
 
 
 @register_kernel(Int8Smooth, "fbgemm")
-class Int8SmoothFbgemm(Int8Smooth):
+class Int8SmoothFbgemm(FbgemmInt8Handle, Int8Smooth):
     """fbgemm on the smoothed activation: per-tensor 7-bit uint8 inside the call (see module doc)."""
-
-    @property
-    def prepack_kind(self) -> str | None:
-        return "fbgemm_int8"
-
-    def _kernel_reason(self, name: str, device: torch.device, op: OpShape) -> str | None:
-        return _cpu_engine_reason(name, device, "fbgemm")
-
-    def prepare(self, packed: dict[str, Tensor]) -> Any:
-        """Warm the prepack cache (the op rebuilds a missing entry itself)."""
-        prepack("fbgemm_int8", packed["w_int8"], packed["w_scale"])
-        return None
 
     @staticmethod
     def _fbgemm(xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
