@@ -5,10 +5,11 @@ the real widths, hidden 4096, intermediate 14336, 32 heads, 8 KV heads, with ``-
 layers and a 32000-token vocabulary), all with random weights from a config, in ``--dtype`` on
 ``--device``, at M=1 and M=128 rows per call. A "uniform scheme" puts ONE candidate (family +
 params + kernel, from ``default_candidates(device, dtype)``) on every layer it supports. All
-variants of one model and M are timed interleaved by the same harness (on CUDA: graph replays with
-events, or eager launches where a forward cannot be captured), so the ratios come from one run;
-the headline ratios are then re-timed in paired rounds of synchronized eager calls (what a
-deployed eager model costs). Also prints the cold tuning time of the demo model (target: under
+variants of one model and M are timed interleaved by the same harness, so the ratios come from one
+run; on CUDA ``--deployment`` decides both how autoquant tunes and how the variants are timed
+("eager", the default: synchronized eager calls; "graphs": CUDA-graph replays, where a forward can
+be captured). The headline ratios are then re-timed in paired rounds of synchronized eager calls
+(what a deployed eager model costs). Also prints the cold tuning time of the demo model (target: under
 60 s on a CPU).
 
 Targets on a CPU for fp32 models (issue 2): autoquant >= 0.95 x the best uniform scheme,
@@ -100,14 +101,14 @@ def uniform(model: nn.Module, cand, ops: dict[str, OpShape], device,
 
 
 def run_case(label: str, model: nn.Module, call, m: int, device, bench: BenchConfig, rows: list,
-             dtype: torch.dtype = torch.float32) -> None:
+             dtype: torch.dtype = torch.float32, deployment: str = "eager") -> None:
     ops = linear_ops(model, None, m)
     base_name = f"{dtype_name(dtype)} baseline"
     base = copy.deepcopy(model)
     tuned = copy.deepcopy(model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        autoquant(tuned, None, manual=True, cache=None, progress=False)
+        autoquant(tuned, None, manual=True, cache=None, progress=False, deployment=deployment)
         call(tuned)
         from autoquant import finalize
 
@@ -121,7 +122,8 @@ def run_case(label: str, model: nn.Module, call, m: int, device, bench: BenchCon
     with torch.no_grad():
         for v in variants.values():
             call(v)
-        timed = time_callables({k: (lambda v=v: call(v)) for k, v in variants.items()}, device, bench)
+        timed = time_callables({k: (lambda v=v: call(v)) for k, v in variants.items()}, device, bench,
+                               deployment=deployment)
     base_t = timed[base_name].median_s
     uniforms = {k: t for k, t in timed.items() if k.startswith("uniform")}
     best_uniform = min(uniforms, key=lambda k: uniforms[k].median_s)
@@ -148,7 +150,7 @@ def run_case(label: str, model: nn.Module, call, m: int, device, bench: BenchCon
           f"vs best uniform {vs_best[1]:.2f}x (IQR {vs_best[0]:.2f}-{vs_best[2]:.2f})"
           + ("; autoquant's plan IS the best uniform scheme on every layer" if same_plan else ""))
     rows.append({"case": label, "m": m, "device": str(device), "dtype": dtype_name(dtype),
-                 "tune_s": round(tune_s, 2), "baseline_ms": base_t * 1e3,
+                 "deployment": deployment, "tune_s": round(tune_s, 2), "baseline_ms": base_t * 1e3,
                  "autoquant_ms": aq_t.median_s * 1e3, "speedup_vs_baseline": base_t / aq_t.median_s,
                  "best_uniform": best_uniform, "autoquant_vs_best_uniform": ratio_best,
                  "paired_vs_baseline": vs_fp32[1], "paired_vs_best_uniform": vs_best[1],
@@ -192,6 +194,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(MODELS)} (default demo,tiny-llama)")
     parser.add_argument("--layers", type=int, default=1, help="decoder layers of llama3-8b (default 1)")
     parser.add_argument("--m", default="1,128", help="rows per call, comma-separated (default 1,128)")
+    parser.add_argument("--deployment", default="eager", choices=("eager", "graphs"),
+                        help="on CUDA: tune and time for eager calls (default) or CUDA-graph replays")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = parse_dtype(args.dtype)
@@ -219,7 +223,8 @@ def main(argv=None) -> int:
         for m in ms:
             mlp = DemoMLP(hidden=hidden, blocks=4).to(device=device, dtype=dtype).eval()
             x = torch.randn(m, hidden, device=device, dtype=dtype)
-            run_case(f"demo MLP h={hidden}", mlp, lambda mod, x=x: mod(x), m, device, bench, rows, dtype)
+            run_case(f"demo MLP h={hidden}", mlp, lambda mod, x=x: mod(x), m, device, bench, rows, dtype,
+                     args.deployment)
     llamas = []
     try:
         if "tiny-llama" in models:
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("transformers not installed: skipping the Llama models", file=sys.stderr)
     try:
-        run_llamas(llamas, ms, device, dtype, bench, rows)
+        run_llamas(llamas, ms, device, dtype, bench, rows, args.deployment)
     except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep and write what was measured
         print(f"interrupted: writing the {len(rows)} rows measured so far")
     if args.out:
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
 
 
 def run_llamas(llamas: list, ms: list[int], device: torch.device, dtype: torch.dtype, bench: BenchConfig,
-               rows: list) -> None:
+               rows: list, deployment: str = "eager") -> None:
     """run_case for each Llama model at each M (logits of one sequence of M tokens)."""
     for model in llamas:
         model = model.to(device=device, dtype=dtype)
@@ -253,7 +258,8 @@ def run_llamas(llamas: list, ms: list[int], device: torch.device, dtype: torch.d
                  f"{dtype_name(dtype)}")
         for m in ms:
             ids = torch.randint(0, cfg.vocab_size, (1, m), device=device)
-            run_case(label, model, lambda mod, ids=ids: mod(ids).logits, m, device, bench, rows, dtype)
+            run_case(label, model, lambda mod, ids=ids: mod(ids).logits, m, device, bench, rows, dtype,
+                     deployment)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
