@@ -169,7 +169,8 @@ def run_shape(cands: list, label: str, k: int, n: int, s: Settings, write: Calla
             continue
         t0 = time.perf_counter()
         try:
-            layer = cand.build(w, None)
+            # calibrated kernels (int8_smooth) read the activations' per-channel absmax
+            layer = cand.build(w, None, act_absmax=torch.cat(list(xs.values())).float().abs().amax(0))
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
         except Exception as exc:  # noqa: BLE001 - one candidate's failure is a result, not the end
