@@ -26,6 +26,8 @@
 #         # a rerun: only the named steps (env, smoke, roundtrip, pytest_cuda, bench_triton,
 #         # overhead, bench_e2e), the CUDA tests limited to the node ids listed in FILE (one per line,
 #         # relative to the repository root), bench_triton limited by --bench-args "..."
+#     env PYTEST_WORKERS=N PYTEST_CAP=SECONDS E2E_M=1,128 E2E_DEPLOYMENT=eager|graphs bash scripts/gpu_check.sh
+#         # xdist workers and time cap of the CUDA tests; bench_e2e's M values and deployment
 #
 # Exit status: 0 when every step exited 0 (a step cut by the budget counts as failed in --dry-run
 # only), else 1. PYTHON=... picks the interpreter (default: python3; .venv/bin/python in --dry-run).
@@ -228,14 +230,16 @@ if ((DRY)); then
     step overhead 60 0 "$PY" "$REPO/benchmarks/gpu_overhead.py" --device cpu --dtype float32 --calls 20 \
         --profile 1 --top 8
     step bench_e2e 120 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cpu --dtype bfloat16 \
-        --models llama3-8b --tiny --layers 1 --m 1 --out "$OUTDIR/bench_e2e.json"
+        --models llama3-8b --tiny --layers 1 --m 1 --deployment "${E2E_DEPLOYMENT:-eager}" \
+        --out "$OUTDIR/bench_e2e.json"
 else
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     step bench_triton 60 60 "$PY" "$REPO/benchmarks/bench_triton.py" ${BENCH_ARGS:---m 1,16,128,1024} \
         --samples 50 --out "$OUTDIR/bench_triton.json"
     step overhead 30 90 "$PY" "$REPO/benchmarks/gpu_overhead.py"
     step bench_e2e 100 0 "$PY" "$REPO/benchmarks/bench_e2e.py" --device cuda --dtype bfloat16 \
-        --models llama3-8b --layers 1 --m "${E2E_M:-1,128}" --out "$OUTDIR/bench_e2e.json"
+        --models llama3-8b --layers 1 --m "${E2E_M:-1,128}" --deployment "${E2E_DEPLOYMENT:-eager}" \
+        --out "$OUTDIR/bench_e2e.json"
 fi
 
 # ---------------------------------------------------------------------------------------- summary
