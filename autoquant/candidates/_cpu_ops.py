@@ -393,22 +393,20 @@ def fbgemm_fp16_linear(x: Tensor, w: Tensor) -> Tensor:
     """float32 `x` [M, K] times the fp16 weight `w` [N, K], float32 accumulation and output."""
     if tracing():
         return _fbgemm_fp16_op(x, w)
+    if type(x) is _Tensor:  # what the op body runs
+        return _fbgemm_fp16_impl(x, w)
     handle = PREPACK_CACHE.get("fbgemm_fp16", (w,), _build_fbgemm_fp16)
-    if type(x) is _Tensor:
-        with _no_torch_function():
-            return c_op("quantized::linear_dynamic_fp16")(x, handle)
-    return c_op("quantized::linear_dynamic_fp16")(x, handle)
+    return c_op("quantized::linear_dynamic_fp16")(x, handle)  # a subclass keeps its __torch_function__
 
 
 def fbgemm_int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     """fbgemm dynamic int8 linear (x per tensor, 7-bit; weight per channel), float32 output."""
     if tracing():
         return _fbgemm_int8_op(x, w_int8, w_scale)
+    if type(x) is _Tensor:  # what the op body runs
+        return _fbgemm_int8_impl(x, w_int8, w_scale)
     handle = PREPACK_CACHE.get("fbgemm_int8", (w_int8, w_scale), _build_fbgemm_int8)
-    if type(x) is _Tensor:
-        with _no_torch_function():
-            return c_op("quantized::linear_dynamic")(x, handle, True)
-    return c_op("quantized::linear_dynamic")(x, handle, True)
+    return c_op("quantized::linear_dynamic")(x, handle, True)  # a subclass keeps its __torch_function__
 
 
 def onednn_qlinear(x_u8: Tensor, x_zero_point: int, w_int8: Tensor, w_scale: Tensor) -> Tensor:
