@@ -32,8 +32,6 @@ from .layers import restore_float
 from .outputs import RecordedCalls
 from .report import TuningReport
 from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _hf, _root, _Session
-from .session import _candidates_for as _candidates_for  # re-exported: pretune, worker import it
-from .session import _store_for as _store_for  # re-exported: quantize imports it from here
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
 from .tune import ON_MISS
 

@@ -707,8 +707,9 @@ def time_callables(fns: dict[str, Callable[[], Any]], device: torch.device,
     "graphs" CUDA-graph replays (raises CaptureError where one cannot be captured)."""
     from .keys import OpShape, Timed  # noqa: PLC0415 - local: keys only label the jobs here
 
-    if deployment not in ("eager", "graphs"):
-        raise ValueError(f"deployment={deployment!r}: use 'eager' or 'graphs'")
+    from .config import check_deployment  # noqa: PLC0415 - config imports this module
+
+    check_deployment(deployment)
     op = OpShape(1, 1, 1, False, "float32")
     path = Timed.EAGER if device.type == "cuda" and deployment == "eager" else Timed.FULL
     jobs = [BenchJob(BenchKey("adhoc", name, "{}", 0, op, path), fn) for name, fn in fns.items()]

@@ -197,7 +197,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_deployment_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--deployment", default="eager", choices=["eager", "graphs"],
+    from .config import DEPLOYMENTS  # noqa: PLC0415
+
+    p.add_argument("--deployment", default="eager", choices=DEPLOYMENTS,
                    help="how the model will run on a GPU: 'eager' (default; candidates timed as eager calls) or "
                         "'graphs' (CUDA graphs / torch.compile mode='reduce-overhead'; timed as graph replays); "
                         "no effect on a CPU")

@@ -26,7 +26,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import CostModel
+from .config import CostModel, check_deployment
 from .keys import Measurement, Timed
 
 __all__ = [
@@ -68,9 +68,7 @@ def timing_path(device: str, deployment: str) -> str:
     """
     if device != "cuda":
         return "cpu"
-    if deployment not in ("eager", "graphs"):
-        raise ValueError(f"deployment={deployment!r}: use 'eager' or 'graphs'")
-    return deployment
+    return check_deployment(deployment)
 
 
 def timed_parts(cost_model: CostModel, dynamic_activation: bool, *, device: str = "cpu",

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _root, _select_layers, _store_for
+from .api import _select_layers
+from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _root, _store_for
 from .candidates import Candidate, candidate_from_json, default_candidates, get_family
 from .config import CostModel
 from .finalize import build_layer, copy_hooks, replace_module

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from .bench import BenchConfig, Timer, default_timer
-from .config import CostModel, TuneConfig
+from .config import DEPLOYMENTS, CostModel, TuneConfig
 from .hardware import environment
 from .keys import OpShape, canonical_json
 
@@ -115,7 +115,8 @@ def pending_units(store: Any, env_hash: str, device: torch.device,
 
 def _units_of(profiles: Sequence[Any], device: torch.device, candidates: Sequence[Any] | None,
               deployment: str = "eager") -> dict[str, Unit]:
-    from .api import _candidates_for, _parse_candidates  # noqa: PLC0415 - pretune's candidate rules
+    from .api import _parse_candidates  # noqa: PLC0415 - pretune's candidate rules
+    from .session import _candidates_for  # noqa: PLC0415
 
     chosen = _parse_candidates(candidates)
     units: dict[str, Unit] = {}
@@ -388,7 +389,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--cache", required=True, help="the team cache: a PostgreSQL URL or a SQLite path")
     p.add_argument("--device", default=None, help="cuda:0, cpu, ... (default: cuda if present)")
     p.add_argument("--candidates", default=None, help="comma-separated family names (default: all)")
-    p.add_argument("--deployment", default="eager", choices=["eager", "graphs"],
+    p.add_argument("--deployment", default="eager", choices=DEPLOYMENTS,
                    help="how tuned models will run on a GPU: 'eager' (default) or 'graphs' (CUDA graphs / "
                         "torch.compile mode='reduce-overhead'); no effect on a CPU")
     p.add_argument("--lease", type=float, default=600.0, help="seconds a claim holds (default 600)")

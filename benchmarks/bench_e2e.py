@@ -35,6 +35,7 @@ from torch import nn
 from autoquant import BenchConfig, autoquant, report
 from autoquant.bench import time_callables
 from autoquant.candidates import default_candidates
+from autoquant.config import DEPLOYMENTS
 from autoquant.demo import DemoMLP
 from autoquant.finalize import replace_module
 from autoquant.keys import OpShape, dtype_name, parse_dtype
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(MODELS)} (default demo,tiny-llama)")
     parser.add_argument("--layers", type=int, default=1, help="decoder layers of llama3-8b (default 1)")
     parser.add_argument("--m", default="1,128", help="rows per call, comma-separated (default 1,128)")
-    parser.add_argument("--deployment", default="eager", choices=("eager", "graphs"),
+    parser.add_argument("--deployment", default="eager", choices=DEPLOYMENTS,
                         help="on CUDA: tune and time for eager calls (default) or CUDA-graph replays")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
