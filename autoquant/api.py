@@ -19,19 +19,27 @@ torch.Size([4, 8])
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .bench import BenchConfig, Timer
-from .candidates import Candidate, QuantizedLinear, get_family
+from .candidates import QuantizedLinear
 from .config import CostModel, TuneConfig
 from .finalize import finalize
-from .layers import restore_float
+from .layers import restore_float, select_layers
 from .outputs import RecordedCalls
 from .report import TuningReport
-from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _hf, _root, _Session
+from .session import (
+    _REPORT_ATTR,
+    _SESSION_ATTR,
+    DEFAULT_CACHE,
+    _hf,
+    _root,
+    _Session,
+    parse_candidates,
+)
 from .subclass import AutoQuantizableLinearWeight, LayerRecord
 from .tune import ON_MISS
 
@@ -39,62 +47,6 @@ __all__ = ["autoquant", "cancel", "finalize", "is_recording", "record_reference"
            "get_report"]
 
 log = logging.getLogger("autoquant")
-
-
-def _parse_candidates(candidates: Iterable[Any] | None) -> tuple[Candidate | str, ...] | None:
-    """Candidate instances stay as given; family names are checked now and expanded per device
-    and dtype at tuning time."""
-    if candidates is None:
-        return None
-    out: list[Candidate | str] = []
-    for c in candidates:
-        if isinstance(c, Candidate):
-            out.append(c)
-        elif isinstance(c, str):
-            get_family(c)  # raises KeyError naming the known families
-            out.append(c)
-        else:
-            raise TypeError(f"candidates must be Candidate instances or family names, got {c!r}")
-    if not out:
-        raise ValueError("candidates=[] selects nothing: pass family names such as 'int8_dynamic', or None for all")
-    return tuple(dict.fromkeys(out))
-
-
-def _select_layers(root: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
-    """The nn.Linear layers to tune, and why the others are left alone."""
-    owners: dict[int, list[str]] = {}
-    for name, mod in root.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
-    layers: dict[str, nn.Linear] = {}
-    skipped: dict[str, str] = {}
-    for name, mod in root.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if filter_fn is not None and not filter_fn(mod, name):
-            skipped[name] = "excluded by filter_fn"
-            continue
-        w = mod.weight
-        if isinstance(w, AutoQuantizableLinearWeight):
-            skipped[name] = "already being recorded"
-            continue
-        if len(owners.get(id(w), [])) > 1:
-            skipped[name] = f"weight shared with {', '.join(o for o in owners[id(w)] if not o.startswith(name + '.'))}: kept float"
-            continue
-        if w.device.type == "meta":
-            skipped[name] = "weight on the meta device (not loaded): kept float"
-            continue
-        if w.device.type not in ("cpu", "cuda"):
-            skipped[name] = f"weight on {w.device.type}: only cpu and cuda are tuned"
-            continue
-        if not w.dtype.is_floating_point:
-            skipped[name] = f"weight dtype {w.dtype} is not floating point"
-            continue
-        if not bool(torch.isfinite(w.detach()).all()):
-            skipped[name] = "weight holds NaN or Inf: kept float"
-            continue
-        layers[name] = mod
-    return layers, skipped
 
 
 def autoquant(
@@ -190,7 +142,7 @@ def autoquant(
         hopeless_factor=hopeless_factor, min_cosine=min_cosine, deployment=deployment,
     )
     outputs = _parse_outputs(budget_outputs, config.min_cosine)
-    layers, skipped = _select_layers(root, filter_fn)
+    layers, skipped = select_layers(root, filter_fn)
     if not layers:
         log.warning("autoquant: no nn.Linear layer to tune in %s%s", type(root).__name__,
                     f" ({len(skipped)} skipped: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else "")
@@ -199,7 +151,7 @@ def autoquant(
         records[name] = LayerRecord(name, max_rows=config.activation_rows)
         lin.weight = nn.Parameter(AutoQuantizableLinearWeight.wrap(lin.weight, records[name]),
                                   requires_grad=lin.weight.requires_grad)
-    session = _Session(config, layers, records, skipped, _parse_candidates(candidates), cache, timer,
+    session = _Session(config, layers, records, skipped, parse_candidates(candidates), cache, timer,
                        progress, on_miss)
     if config.min_cosine is not None:
         session.recorded = RecordedCalls(max_calls=config.verify_calls, outputs=outputs)

@@ -15,6 +15,7 @@ orchestration (tuning, selection, the report).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,46 @@ from .selection import Dispatch, LayerPlan, is_baseline
 from .subclass import AutoQuantizableLinearWeight
 
 __all__ = ["DispatchLinear", "build_layer", "copy_hooks", "from_linear", "label", "make_layer", "plain_weight",
-           "restore_float", "replace_module"]
+           "restore_float", "replace_module", "select_layers"]
+
+
+def select_layers(root: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """The nn.Linear layers of `root` to quantize (name -> layer), and why each other one is left
+    alone (name -> reason: filtered out, already recording, a shared weight, meta / other device,
+    not floating point, NaN / Inf). One rule for ``autoquant`` and ``quantize``."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    layers: dict[str, nn.Linear] = {}
+    skipped: dict[str, str] = {}
+    for name, mod in root.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            skipped[name] = "excluded by filter_fn"
+            continue
+        w = mod.weight
+        if isinstance(w, AutoQuantizableLinearWeight):
+            skipped[name] = "already being recorded"
+            continue
+        if len(owners.get(id(w), [])) > 1:
+            skipped[name] = f"weight shared with {', '.join(o for o in owners[id(w)] if not o.startswith(name + '.'))}: kept float"
+            continue
+        if w.device.type == "meta":
+            skipped[name] = "weight on the meta device (not loaded): kept float"
+            continue
+        if w.device.type not in ("cpu", "cuda"):
+            skipped[name] = f"weight on {w.device.type}: only cpu and cuda are tuned"
+            continue
+        if not w.dtype.is_floating_point:
+            skipped[name] = f"weight dtype {w.dtype} is not floating point"
+            continue
+        if not bool(torch.isfinite(w.detach()).all()):
+            skipped[name] = "weight holds NaN or Inf: kept float"
+            continue
+        layers[name] = mod
+    return layers, skipped
 
 
 def plain_weight(linear: nn.Linear) -> Tensor:

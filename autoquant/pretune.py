@@ -67,12 +67,11 @@ def pretune(
     """Time every candidate on every op of `profile` on `device` (default: cuda if present)
     with synthetic weights, writing the measurements to `store`. `deployment`: what a GPU times,
     for models run eagerly ("eager") or in CUDA graphs ("graphs"); see TuneConfig.deployment."""
-    from .api import _parse_candidates  # noqa: PLC0415 - shared candidate rules
-    from .session import _candidates_for  # noqa: PLC0415
+    from .session import _candidates_for, parse_candidates  # noqa: PLC0415
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TuneConfig(cost_model=CostModel.parse(mode), bench=bench or BenchConfig(), deployment=deployment)
-    chosen = _parse_candidates(candidates)
+    chosen = parse_candidates(candidates)
     ops = {op: _candidates_for(op, dev, chosen) for op, _ in profile.ops if op.m > 0}
     env = environment(dev)
     safe = SafeStore(store)

@@ -29,15 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import _select_layers
-from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _root, _store_for
 from .candidates import Candidate, candidate_from_json, default_candidates, get_family
 from .config import CostModel
-from .finalize import build_layer, copy_hooks, replace_module
 from .hardware import environment
 from .keys import BenchKey, OpShape, Timed, dtype_name
+from .layers import build_layer, copy_hooks, replace_module, select_layers
 from .report import TuningReport
 from .selection import LayerPlan, is_baseline
+from .session import _REPORT_ATTR, _SESSION_ATTR, DEFAULT_CACHE, _root, _store_for
 
 __all__ = ["quantize"]
 
@@ -100,7 +99,7 @@ def quantize(
                          "example_input, candidates=[...]) (which records them), or apply_plan with a plan "
                          "saved from such a model")
     started = time.perf_counter()
-    layers, skipped = _select_layers(root, filter_fn)
+    layers, skipped = select_layers(root, filter_fn)
     store, problem = _store_for(cache, False) if cache is not None else (None, None)
     warnings_ = [problem] if problem else []
     plans: list[LayerPlan] = []

@@ -14,6 +14,7 @@ and ``autoquant.finalize`` consumes it; both import it from here, so imports poi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,26 @@ def _store_for(cache: Any, custom_timer: bool) -> tuple[Store, str | None]:
     from .cache_db import default_cache_url, open_store_or_memory  # noqa: PLC0415 - SQL only when used
 
     return open_store_or_memory(default_cache_url() if cache is DEFAULT_CACHE else cache)
+
+
+def parse_candidates(candidates: Iterable[Any] | None) -> tuple[Candidate | str, ...] | None:
+    """The ``candidates=`` argument of autoquant / pretune / worker, checked: Candidate instances
+    stay as given; family names are checked now (KeyError naming the known ones) and expanded
+    per device and dtype at tuning time; None means every default candidate."""
+    if candidates is None:
+        return None
+    out: list[Candidate | str] = []
+    for c in candidates:
+        if isinstance(c, Candidate):
+            out.append(c)
+        elif isinstance(c, str):
+            get_family(c)  # raises KeyError naming the known families
+            out.append(c)
+        else:
+            raise TypeError(f"candidates must be Candidate instances or family names, got {c!r}")
+    if not out:
+        raise ValueError("candidates=[] selects nothing: pass family names such as 'int8_dynamic', or None for all")
+    return tuple(dict.fromkeys(out))
 
 
 def _candidates_for(op: OpShape, device: torch.device, chosen: tuple[Candidate | str, ...] | None) -> list[Candidate]:

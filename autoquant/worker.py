@@ -115,10 +115,9 @@ def pending_units(store: Any, env_hash: str, device: torch.device,
 
 def _units_of(profiles: Sequence[Any], device: torch.device, candidates: Sequence[Any] | None,
               deployment: str = "eager") -> dict[str, Unit]:
-    from .api import _parse_candidates  # noqa: PLC0415 - pretune's candidate rules
-    from .session import _candidates_for  # noqa: PLC0415
+    from .session import _candidates_for, parse_candidates  # noqa: PLC0415
 
-    chosen = _parse_candidates(candidates)
+    chosen = parse_candidates(candidates)
     units: dict[str, Unit] = {}
     for profile in profiles:
         for op, _count in profile.ops:
