@@ -169,11 +169,18 @@ def _retime(bench: OpBench, live: Sequence[Candidate], jobs: list[BenchJob],
     top = sorted(costs, key=lambda c: (costs[c], c.order, c.params_json()))[: bench.config.retime_top]
     if len(top) < 2 or costs[top[1]] > (1.0 + _RETIME_WITHIN) * costs[top[0]]:
         return  # nothing close to decide (a large op's retime costs seconds)
+    # The full run's weight copies of every other candidate go before the new ones are made
+    # (`jobs` is the caller's list: emptied here): with them kept, the retime's copies came on
+    # top of all of them, and whether an op was retimed decided the tuning's peak memory
+    # (benchmarks/bench_memory.py). The top candidates' own jobs stay, as the fallback below.
+    kept = [j for j in jobs if bench.owners[j.key] in top]
+    jobs.clear()
+    return_freed_memory()
     try:
         again_jobs = bench.cold_jobs(top, bench.copies_for(top), strict=True)
     except Exception as exc:  # noqa: BLE001 - e.g. no memory for new copies: reuse the full run's
         check_fatal(exc, bench.device, "copying weights")
-        again_jobs = [j for j in jobs if bench.owners[j.key] in top]
+        again_jobs = kept
     again = measure_jobs(bench.timer, again_jobs, bench.device, budget_s)
     measured.update({k: v for k, v in again.items() if bench.owners.get(k) in top})
 

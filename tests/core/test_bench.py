@@ -329,3 +329,60 @@ def test_slow_calls_get_no_cold_copies():
     assert bench.copies_of(cand, 50) == 1
     [job] = bench.cold_jobs([cand], 50)
     assert job.calls == 1
+
+
+def test_retime_drops_the_other_candidates_copies_before_copying_again():
+    """A close race between the two cheapest is timed again on fresh weight copies of those two;
+    by the time those are made, the full run's copies of every other candidate are freed. They
+    used to stay alive beside the new ones, so a retimed op set the tuning's memory peak
+    (benchmarks/bench_memory.py). Fails with the full run's jobs kept through the retime."""
+    import gc
+    import weakref
+
+    from autoquant import opbench
+    from autoquant.candidates import default_candidates
+    from autoquant.config import TuneConfig
+    from autoquant.tune import Trial, _OpBench, _retime
+
+    op = OpShape(8, 256, 256, True, "float32")
+    cpu = torch.device("cpu")
+    cands = [c for c in default_candidates(cpu, torch.float32)
+             if c.name in ("float(kernel=aten, compute_dtype=None)", "int8_dynamic(kernel=fbgemm)",
+                           "int8_weight_only(kernel=int8pack)", "float(kernel=onednn, compute_dtype=None)")]
+    assert len(cands) == 4
+    bench = _OpBench(op, "env", cpu, CpuTimer(BenchConfig(cold_bytes=1 << 20, rounds=3)),
+                     TuneConfig(), {c: Trial(c) for c in cands})
+    bench.build(cands)
+    copies: dict[object, list[weakref.ref]] = {}
+    real_clones = opbench._clones
+
+    def tracked(module, n):  # the real _clones, remembering what it made for whom
+        out = real_clones(module, n)
+        owner = next(c for c, m in bench.built.items() if m is module)
+        copies.setdefault(owner, []).extend(weakref.ref(m) for m in out[1:])
+        return out
+
+    opbench._clones = tracked
+    try:
+        jobs = bench.cold_jobs(list(bench.built), 3)
+        assert all(len(copies[c]) == 2 for c in bench.built)  # 3 per candidate: the layer + 2 copies
+        # Figures that make the first two a close race (every part of each candidate timed).
+        rank = {c: i for i, c in enumerate(bench.built)}
+        measured = {j.key: Measurement(1e-4 * (1 + 0.01 * rank[bench.owners[j.key]]) if rank[bench.owners[j.key]] < 2
+                                       else 1e-3 * (1 + rank[bench.owners[j.key]]), 1e-4, 1e-3, 3)
+                    for j in jobs}
+        top = list(bench.built)[:2]
+        alive_when_copying: list[int] = []
+        real_cold_jobs = bench.cold_jobs
+
+        def cold_jobs(cands, n, **kw):
+            gc.collect()
+            alive_when_copying.append(sum(r() is not None for c in bench.built if c not in top for r in copies[c]))
+            return real_cold_jobs(cands, n, **kw)
+
+        bench.cold_jobs = cold_jobs
+        _retime(bench, list(bench.built), jobs, measured, None)
+    finally:
+        opbench._clones = real_clones
+    assert alive_when_copying == [0], alive_when_copying  # the retime happened, with no stale copies
+    assert jobs == []  # the caller's list was emptied
