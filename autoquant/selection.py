@@ -154,6 +154,17 @@ def _passes(acc: tuple[float, int, str | None], cand: Candidate, min_sqnr: float
     return is_baseline(cand) or min_sqnr is None or value >= min_sqnr
 
 
+def _floor_extra_work(costs: dict[Candidate, Cost]) -> dict[Candidate, Cost]:
+    """`costs` (changed in place, and returned) with each candidate that runs another's kernel
+    plus work of its own (``adds_work_to``) costing at least what that one costs: a lower
+    figure is noise. Its spread stays its own."""
+    for cand, cost in costs.items():
+        base = cand.adds_work_to()
+        if base is not None and base in costs and cost.value < costs[base].value:
+            costs[cand] = Cost(costs[base].value, cost.spread)
+    return costs
+
+
 def _choose(
     costs: Mapping[Candidate, Cost], accuracy: _Accuracy, config: TuneConfig
 ) -> Candidate | None:
@@ -168,6 +179,9 @@ def _choose(
             passing.append(cand)
     if not passing:
         return None
+    # A candidate tied with the one whose kernel it runs plus extra work is the slower of the two
+    # (Candidate.adds_work_to): that one wins the tie, however much more accurate this one is.
+    passing = [c for c in passing if c.adds_work_to() not in passing]
     options = [
         Option(ident=f"{c.family}:{c.params_json()}", cost=costs[c], sqnr_db=accuracy(c)[0],
                nbytes=accuracy(c)[1], order=c.order)
@@ -229,6 +243,7 @@ def select_layer(
             if is_baseline(cand):
                 plan.baseline_cost = row.cost
         plan.rows.append(row)
+    _floor_extra_work(costs)
     dtype = max(ops, key=lambda op: ops[op]).torch_dtype
     accuracy = _Accuracy(weight, bias, activations, dtype, act_absmax)
     winner = _choose(costs, accuracy, config) if costs else None
@@ -240,7 +255,7 @@ def select_layer(
         plan.sqnr_db = accuracy(winner)[0]
         # Per op, every candidate measured there: one skipped at a large op (predicted hopeless,
         # so never timed there) can still win the small ops of a dispatch.
-        per_op = {op: {c: t.cost for c, t in trials[op].items() if t.ok and t.cost is not None}
+        per_op = {op: _floor_extra_work({c: t.cost for c, t in trials[op].items() if t.ok and t.cost is not None})
                   for op in ops}
         found = _dispatch(ops, per_op, accuracy, config, plan.cost) if len(ops) > 1 else None
         if found is not None:

@@ -185,6 +185,14 @@ class Candidate(ABC):
         buffers. The tuner's cold timer counts and copies what a call reads."""
         return None
 
+    def adds_work_to(self) -> Candidate | None:
+        """The candidate whose kernel this one runs on the same shape, plus work of its own (e.g.
+        a multiply of the activation), or None. Such a candidate is never faster than that one,
+        so a timing that says otherwise is noise: selection floors its cost at that one's, and a
+        tie between the two goes to that one whatever their accuracy (accuracy floors and the
+        model-level budget can still pick this one for its accuracy)."""
+        return None
+
     # ---- protocol ---------------------------------------------------------------------------
     @abstractmethod
     def supports(self, device: torch.device, op: OpShape) -> str | None: ...

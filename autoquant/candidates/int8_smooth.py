@@ -113,6 +113,11 @@ class Int8Smooth(Candidate):
 class Int8SmoothFbgemm(FbgemmInt8Handle, Int8Smooth):
     """fbgemm on the smoothed activation: per-tensor 7-bit uint8 inside the call (see module doc)."""
 
+    def adds_work_to(self) -> Candidate:
+        """int8_dynamic on fbgemm: the same kernel on an int8 weight of the same shape, after one
+        multiply of the activation: never faster, only more accurate."""
+        return _FBGEMM
+
     @staticmethod
     def _fbgemm(xs: Tensor, packed: dict[str, Tensor], bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
         y = add_bias(fbgemm_int8_linear(xs, packed["w_int8"], packed["w_scale"]), bias)

@@ -183,7 +183,10 @@ def _mlp():
 
 def _tuned(calls):
     model = _mlp()
-    autoquant(model, manual=True, cache=None, progress=False, timer=FakeTimer(_smooth_cheapest))
+    # int8_dynamic left out: smooth would lose every tie with it (adds_work_to), and these tests
+    # are about what a layer that runs smooth carries
+    autoquant(model, manual=True, cache=None, progress=False, timer=FakeTimer(_smooth_cheapest),
+              candidates=["float", "int8_smooth"])
     with torch.no_grad():
         for x in calls:
             model(x)
@@ -236,3 +239,42 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     x = _outlier_input(7, seed=22)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_a_tie_with_int8_dynamic_goes_to_the_kernel_without_the_multiply():
+    """int8_smooth runs int8_dynamic's fbgemm kernel on a same-shape weight after one multiply of
+    the activation, so it is never faster: a tie (or a lower figure, which is noise) goes to
+    int8_dynamic although smooth is more accurate (the usual tie-break prefers accuracy; here it
+    cost 4-7% per layer at M=1, benchmarks/bench_e2e.py). An accuracy floor that int8_dynamic
+    misses still picks smooth, costed as int8_dynamic at least. Fails without adds_work_to."""
+    from autoquant.candidates import FloatCandidate
+    from autoquant.config import TuneConfig
+    from autoquant.costmodel import Cost
+    from autoquant.opbench import Trial
+    from autoquant.selection import select_layer
+
+    op = OpShape(1, 256, 128, True, "float32")
+    fb, sm, base = Int8Dynamic("fbgemm"), Int8Smooth("fbgemm", alpha=0.75), FloatCandidate("aten")
+    torch.manual_seed(0)
+    w = torch.randn(128, 256) / 16
+    x = torch.randn(16, 256)
+    x[:, 3] *= 60.0  # an outlier channel: smoothing is what keeps the rest of x's int8 range
+    absmax = x.abs().amax(0)
+
+    def plan_for(smooth_s: float, **config):
+        trials = {op: {base: Trial(base, cost=Cost(100e-6, 0.02)), fb: Trial(fb, cost=Cost(40e-6, 0.05)),
+                       sm: Trial(sm, cost=Cost(smooth_s, 0.05))}}
+        return select_layer("fc", {op: 1}, trials, w, None, x, TuneConfig(**config), act_absmax=absmax)
+
+    tied = plan_for(39e-6)  # within noise, and lower
+    rows = {r.candidate: r for r in tied.rows}
+    assert rows[sm].sqnr_db > rows[fb].sqnr_db + 3.0  # smooth is clearly the more accurate
+    assert tied.winner == fb and tied.cost.value == 40e-6
+    assert plan_for(20e-6).winner == fb  # "faster" beyond noise: still noise by construction
+    assert plan_for(60e-6).winner == fb  # slower beyond noise: the ordinary rule
+
+    floor = (rows[sm].sqnr_db + rows[fb].sqnr_db) / 2
+    strict = plan_for(39e-6, min_sqnr=floor)
+    assert strict.winner == sm and strict.cost.value == 40e-6  # bought for accuracy, at fbgemm's cost
+    budget = plan_for(39e-6, min_cosine=0.999)
+    assert budget.winner == fb and sm in [o.choice for o in budget.options]  # on the budget's frontier
