@@ -11,6 +11,18 @@ bench_e2e builds it), fp32 at M in {1, 64}; and the stack in bf16 at M=1. Varian
 - ``quantize_dynamic``: ``torch.ao.quantization.quantize_dynamic`` int8, eager (fp32 models only:
   its fbgemm kernel takes float32 activations).
 
+Two more variants say what bounds ``aq -> compile`` (torch's costs, not autoquant's; they are the
+same compiled model with one inductor / dynamo setting changed, not advice to copy blindly):
+
+- ``+ serial kernels``: ``options={"cpp.min_chunk_size": 2**20}``: inductor's fused C++ kernels run
+  on one thread. By default a kernel over a row of >= 2 x 512 elements (one layer_norm of h=1024
+  at M=1) opens OpenMP parallel regions, and waking the other thread costs microseconds per
+  region, more than the work; eager ATen keeps such sizes serial (grain 32768).
+- ``+ serial, no module guards``: that plus ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``:
+  dynamo stops checking every module attribute and buffer on each call (unsafe: a changed module
+  is not noticed), which leaves the guard cost on the input alone. What is left between this
+  and ``aq eager`` is the graph's entry and the registered ops' dispatcher round trips.
+
 With ``--kernel NAME`` (a candidate's name as ``default_candidates`` lists it, e.g.
 ``"int8_dynamic(kernel=fbgemm)"``) nothing is tuned: a plan gives every linear layer that kernel
 (``apply_plan``), so the variants compare one known plan however loaded the machine is while
@@ -115,6 +127,10 @@ def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None)
         else:
             eager = fixed_plan(copy.deepcopy(model), kernel, x.dtype if x.is_floating_point() else torch.float32)
         then_compile = torch.compile(copy.deepcopy(eager))
+        serial = {"cpp.min_chunk_size": 1 << 20}
+        serial_compile = torch.compile(copy.deepcopy(eager), options=serial)
+        bare_compile = torch.compile(copy.deepcopy(eager), options={
+            **serial, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     out: dict[str, Callable[[], Any]] = {
         "aq eager": lambda: eager(x),
         "aq -> compile": lambda: then_compile(x),
@@ -128,6 +144,8 @@ def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None)
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
             qd = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
         out["quantize_dynamic"] = lambda: qd(x)
+    out["+ serial kernels"] = lambda: serial_compile(x)  # aq -> compile, one setting changed (see top)
+    out["+ serial, no module guards"] = lambda: bare_compile(x)
     return out
 
 
@@ -165,11 +183,11 @@ def paired_rounds(fns: dict[str, Callable[[], Any]], rounds: int, block_s: float
 def report(label: str, samples: dict[str, list[float]]) -> None:
     base = samples["aq eager"]
     print(f"\n{label}  (load average {os.getloadavg()[0]:.2f})")
-    print(f"  {'variant':18s} {'median ms':>10s} {'x aq eager (p25-p75)':>24s}")
+    print(f"  {'variant':26s} {'median ms':>10s} {'x aq eager (p25-p75)':>24s}")
     for name, s in samples.items():
         ratios = [a / b for a, b in zip(s, base)]
         lo, mid, hi = quantiles(ratios)
-        print(f"  {name:18s} {statistics.median(s) * 1e3:10.3f} {mid:10.3f} ({lo:.3f}-{hi:.3f})")
+        print(f"  {name:26s} {statistics.median(s) * 1e3:10.3f} {mid:10.3f} ({lo:.3f}-{hi:.3f})")
 
 
 def main() -> None:
