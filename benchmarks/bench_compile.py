@@ -21,7 +21,8 @@ same compiled model with one inductor / dynamo setting changed, not advice to co
 - ``+ serial, no module guards``: that plus ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``:
   dynamo stops checking every module attribute and buffer on each call (unsafe: a changed module
   is not noticed), which leaves the guard cost on the input alone. What is left between this
-  and ``aq eager`` is the graph's entry and the registered ops' dispatcher round trips.
+  and ``aq eager`` is the compiled region's entry, the registered ops' round trips through the
+  dispatcher into their Python bodies, and whatever else the graph does around the kernels.
 
 With ``--kernel NAME`` (a candidate's name as ``default_candidates`` lists it, e.g.
 ``"int8_dynamic(kernel=fbgemm)"``) nothing is tuned: a plan gives every linear layer that kernel

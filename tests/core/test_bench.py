@@ -331,7 +331,7 @@ def test_slow_calls_get_no_cold_copies():
     assert job.calls == 1
 
 
-def test_retime_drops_the_other_candidates_copies_before_copying_again():
+def test_retime_drops_the_other_candidates_copies_before_copying_again(monkeypatch):
     """A close race between the two cheapest is timed again on fresh weight copies of those two;
     by the time those are made, the full run's copies of every other candidate are freed. They
     used to stay alive beside the new ones, so a retimed op set the tuning's memory peak
@@ -362,27 +362,23 @@ def test_retime_drops_the_other_candidates_copies_before_copying_again():
         copies.setdefault(owner, []).extend(weakref.ref(m) for m in out[1:])
         return out
 
-    opbench._clones = tracked
-    try:
-        jobs = bench.cold_jobs(list(bench.built), 3)
-        assert all(len(copies[c]) == 2 for c in bench.built)  # 3 per candidate: the layer + 2 copies
-        # Figures that make the first two a close race (every part of each candidate timed).
-        rank = {c: i for i, c in enumerate(bench.built)}
-        measured = {j.key: Measurement(1e-4 * (1 + 0.01 * rank[bench.owners[j.key]]) if rank[bench.owners[j.key]] < 2
-                                       else 1e-3 * (1 + rank[bench.owners[j.key]]), 1e-4, 1e-3, 3)
-                    for j in jobs}
-        top = list(bench.built)[:2]
-        alive_when_copying: list[int] = []
-        real_cold_jobs = bench.cold_jobs
+    monkeypatch.setattr(opbench, "_clones", tracked)
+    jobs = bench.cold_jobs(list(bench.built), 3)
+    assert all(len(copies[c]) == 2 for c in bench.built)  # 3 per candidate: the layer + 2 copies
+    # Figures that make the first two a close race (1% apart), the others 10-40x dearer.
+    top = list(bench.built)[:2]
+    seconds = {c: 1e-4 * (1 + 0.01 * i) if c in top else 1e-3 * (1 + i) for i, c in enumerate(bench.built)}
+    measured = {j.key: Measurement(seconds[bench.owners[j.key]], seconds[bench.owners[j.key]],
+                                   seconds[bench.owners[j.key]], 3) for j in jobs}
+    alive_when_copying: list[int] = []
+    real_cold_jobs = bench.cold_jobs
 
-        def cold_jobs(cands, n, **kw):
-            gc.collect()
-            alive_when_copying.append(sum(r() is not None for c in bench.built if c not in top for r in copies[c]))
-            return real_cold_jobs(cands, n, **kw)
+    def cold_jobs(cands, n, **kw):  # the real cold_jobs, counting the others' copies still alive
+        gc.collect()
+        alive_when_copying.append(sum(r() is not None for c in bench.built if c not in top for r in copies[c]))
+        return real_cold_jobs(cands, n, **kw)
 
-        bench.cold_jobs = cold_jobs
-        _retime(bench, list(bench.built), jobs, measured, None)
-    finally:
-        opbench._clones = real_clones
+    monkeypatch.setattr(bench, "cold_jobs", cold_jobs)
+    _retime(bench, list(bench.built), jobs, measured, None)
     assert alive_when_copying == [0], alive_when_copying  # the retime happened, with no stale copies
     assert jobs == []  # the caller's list was emptied
