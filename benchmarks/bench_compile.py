@@ -11,6 +11,12 @@ bench_e2e builds it), fp32 at M in {1, 64}; and the stack in bf16 at M=1. Varian
 - ``quantize_dynamic``: ``torch.ao.quantization.quantize_dynamic`` int8, eager (fp32 models only:
   its fbgemm kernel takes float32 activations).
 
+``aq -> compile`` calls the registered CPU ops' C++ kernels (autoquant/candidates/_cpu_ops.cpp,
+built by the first trace). One variant shows what they save:
+
+- ``python op bodies``: the same model compiled against copies of those ops that have only the
+  Python bodies (the kernels a machine without a C++ compiler runs; AUTOQUANT_NATIVE_OPS=0).
+
 Two more variants say what bounds ``aq -> compile`` (torch's costs, not autoquant's; they are the
 same compiled model with one inductor / dynamo setting changed, not advice to copy blindly):
 
@@ -21,8 +27,8 @@ same compiled model with one inductor / dynamo setting changed, not advice to co
 - ``+ serial, no module guards``: that plus ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``:
   dynamo stops checking every module attribute and buffer on each call (unsafe: a changed module
   is not noticed), which leaves the guard cost on the input alone. What is left between this
-  and ``aq eager`` is the compiled region's entry, the registered ops' round trips through the
-  dispatcher into their Python bodies, and whatever else the graph does around the kernels.
+  and ``aq eager`` is the compiled region's entry, the registered ops' calls through the
+  dispatcher, and whatever else the graph does around the kernels.
 
 With ``--kernel NAME`` (a candidate's name as ``default_candidates`` lists it, e.g.
 ``"int8_dynamic(kernel=fbgemm)"``) nothing is tuned: a plan gives every linear layer that kernel
@@ -120,6 +126,52 @@ def fixed_plan(model: nn.Module, kernel: str, dtype: torch.dtype) -> nn.Module:
     return apply_plan(model, {"format": PLAN_FORMAT, "version": PLAN_VERSION, "environment": None, "layers": layers})
 
 
+# ---- "python op bodies": the CPU ops again, without their C++ kernels ------------------------------
+_PY_LIB: torch.library.Library | None = None
+_PY_OPS: dict[str, Any] = {}  # _cpu_ops global name -> the Python-bodied copy of that op
+
+
+def _python_bodied_ops() -> dict[str, Any]:
+    """Copies of autoquant's registered CPU ops (same schemas, bodies and fake impls) in a bench-only
+    namespace, with no C++ kernel, keyed by the ``_cpu_ops`` global a traced layer calls."""
+    global _PY_LIB
+    if _PY_LIB is None:
+        from autoquant.candidates import _cpu_ops as ops  # noqa: PLC0415
+
+        _PY_LIB = torch.library.Library("aqbench_py", "DEF")
+        for name, (schema, body) in ops._SCHEMAS.items():
+            _PY_LIB.define(name + schema)
+            _PY_LIB.impl(name, body, "CPU")
+            real = getattr(torch.ops.autoquant, name).default
+            fake = torch._library.simple_registry.singleton.find(real.name()).fake_impl.kernel
+            torch.library.register_fake(f"aqbench_py::{name}", fake, lib=_PY_LIB)
+            glob = {"cpu_onednn_linear": "_onednn_linear_op", "cpu_fbgemm_fp16_linear": "_fbgemm_fp16_op",
+                    "cpu_fbgemm_int8_linear": "_fbgemm_int8_op", "cpu_onednn_qlinear": "_onednn_qlinear_op",
+                    "cpu_int4pack_mm": "_int4pack_op"}[name]
+            _PY_OPS[glob] = getattr(torch.ops.aqbench_py, name).default
+    return _PY_OPS
+
+
+def _with_python_bodies(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` called with ``_cpu_ops``'s op globals pointing at the Python-bodied copies (dynamo
+    guards on those globals: a model traced with them must also be called with them)."""
+    from autoquant.candidates import _cpu_ops as ops  # noqa: PLC0415
+
+    swap = _python_bodied_ops()
+    real = {name: getattr(ops, name) for name in swap}
+
+    def run(*args: Any) -> Any:
+        for name, op in swap.items():
+            setattr(ops, name, op)
+        try:
+            return fn(*args)
+        finally:
+            for name, op in real.items():
+                setattr(ops, name, op)
+
+    return run
+
+
 def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None) -> dict[str, Callable[[], Any]]:
     store = MemoryStore()
     with torch.no_grad():
@@ -128,6 +180,7 @@ def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None)
         else:
             eager = fixed_plan(copy.deepcopy(model), kernel, x.dtype if x.is_floating_point() else torch.float32)
         then_compile = torch.compile(copy.deepcopy(eager))
+        py_compile = _with_python_bodies(torch.compile(copy.deepcopy(eager)))
         serial = {"cpp.min_chunk_size": 1 << 20}
         serial_compile = torch.compile(copy.deepcopy(eager), options=serial)
         bare_compile = torch.compile(copy.deepcopy(eager), options={
@@ -145,6 +198,7 @@ def variants(model: nn.Module, x: Tensor, fp32: bool, kernel: str | None = None)
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
             qd = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
         out["quantize_dynamic"] = lambda: qd(x)
+    out["python op bodies"] = lambda: py_compile(x)
     out["+ serial kernels"] = lambda: serial_compile(x)  # aq -> compile, one setting changed (see top)
     out["+ serial, no module guards"] = lambda: bare_compile(x)
     return out
@@ -172,10 +226,12 @@ def paired_rounds(fns: dict[str, Callable[[], Any]], rounds: int, block_s: float
         gc.collect()
         gc.disable()
         try:
-            for r in range(rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for n in order:
-                    samples[n].append(_block(fns[n], reps))
+            # A variant that recompiled while timed would time dynamo: fail instead.
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for r in range(rounds):
+                    order = names[r % len(names):] + names[:r % len(names)]
+                    for n in order:
+                        samples[n].append(_block(fns[n], reps))
         finally:
             gc.enable()
     return samples

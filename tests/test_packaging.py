@@ -20,6 +20,7 @@ def test_wheel_has_no_top_level_kernels_or_cache_db(tmp_path):
     assert "autoquant/kernels/__init__.py" in names
     assert "autoquant/cache_db/__init__.py" in names
     assert "autoquant/candidates/__init__.py" in names
+    assert "autoquant/candidates/_cpu_ops.cpp" in names  # built on first use: must ship as source
     top_level = [n for n in names if n.endswith("top_level.txt")]
     if top_level:
         assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["autoquant"]

@@ -41,7 +41,11 @@ dtype), so it is the int8 scheme to pick where memory is the constraint.
 
 In eager mode the layers call the C++ kernels from closures (``eager_*`` below), skipping even the
 dispatcher's round trip into the Python body; under torch.compile / torch.export, or when a
-dispatch mode is active (fake tensors), they go through the registered op (one round trip per call).
+dispatch mode is active (fake tensors), they go through the registered op. Each op has two
+kernels: the Python body here (CompositeExplicitAutograd: it serves every device where nothing
+more specific is registered) and, once ``_cpu_native`` has built ``_cpu_ops.cpp`` (the first
+trace does it), a C++ kernel on the CPU key that does the same call without entering Python,
+reading a mirror of this cache (``_native_put`` / ``_native_evict`` keep it in step).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import ACT_EPS, unpack_int4_lo_first
+from . import _cpu_native
 from ._util import quantized_engine
 
 __all__ = [
@@ -157,13 +162,18 @@ class PrepackCache:
         if old is None:
             # One finalizer per anchor object: a rebuild after an in-place write reuses it (the
             # old entry under this key can only be this anchor's: a dead anchor's is evicted).
-            weakref.finalize(sources[0], self._evict, key)
+            # Not at exit: nothing needs freeing then, and torch may be half torn down.
+            weakref.finalize(sources[0], self._evict, key, sources[0]._cdata).atexit = False
+        if _cpu_native.loaded():
+            _mirror(key[0], sources, entry.handle)  # the C++ kernels' copy never goes stale
         return entry.handle
 
-    def _evict(self, key: tuple[str, int]) -> None:
+    def _evict(self, key: tuple[str, int], anchor_impl: int) -> None:
         # Runs while the anchor is being freed, before its id can belong to another object.
         with self._lock:
             self._entries.pop(key, None)
+        if _cpu_native.loaded():
+            torch.ops.autoquant._native_evict(_cpu_native.KINDS[key[0]], anchor_impl)
 
     def nbytes(self) -> int:
         """Bytes of the cached handles that are tensors (oneDNN, int4); fbgemm's are opaque."""
@@ -184,6 +194,8 @@ class PrepackCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+        if _cpu_native.loaded():
+            torch.ops.autoquant._native_clear()
 
 
 def _tensor_bytes(t: Tensor) -> int:
@@ -323,12 +335,15 @@ def _int4pack_impl(x: Tensor, w_int4: Tensor, scales_and_zeros: Tensor, group_si
     return c_op("aten::_weight_int4pack_mm_for_cpu")(x, handle, group_size, scales_and_zeros)
 
 
-# Registered with a plain ``torch.library.Library`` and a CPU kernel, not ``torch.library.custom_op``:
+# Registered with a plain ``torch.library.Library``, not ``torch.library.custom_op``:
 # custom_op adds a Python autograd kernel that every call crosses, grad mode on or off (the compiled
 # model's per-layer cost: benchmarks/bench_compile.py). The input gradient is QuantizedLinear's (an
 # autograd.Function around the kernel, only where one is needed, see grad.py); called on its own with inputs that require grad, an op
 # gives none (torch warns, as for any op without an autograd formula). The schemas are those
-# custom_op inferred before (exported programs name these ops).
+# custom_op inferred before (exported programs name these ops). The Python bodies are registered
+# as CompositeExplicitAutograd, not CPU, so that the C++ kernels (_cpu_ops.cpp) can take the CPU
+# key without overriding a kernel (which the dispatcher reports on stderr); composite-explicit
+# kernels are not decomposed by torch.export and get no autograd formula, as before.
 _LIB = torch.library.Library("autoquant", "FRAGMENT")  # the Triton ops share the namespace
 _SCHEMAS = {
     "cpu_onednn_linear": ("(Tensor x, Tensor w, Tensor? bias) -> Tensor", _onednn_linear_impl),
@@ -341,7 +356,26 @@ _SCHEMAS = {
 }
 for _name, (_schema, _impl) in _SCHEMAS.items():
     _LIB.define(_name + _schema)
-    _LIB.impl(_name, _impl, "CPU")
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+
+# What the C++ kernels (_cpu_ops.cpp) call when their mirror of PrepackCache misses: get or build
+# the handle here (PrepackCache stays the one owner: its builds, bytes and finalizers) and mirror it.
+_KIND_NAMES = {number: name for name, number in _cpu_native.KINDS.items()}
+
+
+def _mirror(kind: str, sources: Iterable[Tensor], handle: Any) -> None:
+    with _no_torch_function():  # fbgemm's handle: no thrown lookup (see _no_torch_function)
+        c_op("autoquant::_native_put")(_cpu_native.KINDS[kind], list(sources), handle)
+
+
+def _cpu_prepack_impl(kind: int, sources: list[Tensor]) -> None:
+    name = _KIND_NAMES[kind]
+    handle = PREPACK_CACHE.get(name, tuple(sources), _BUILDERS[name][0])
+    _mirror(name, sources, handle)  # also after a hit here: built before the C++ kernels loaded
+
+
+_LIB.define("_cpu_prepack(int kind, Tensor[] sources) -> ()")
+_LIB.impl("_cpu_prepack", _cpu_prepack_impl, "CPU")
 
 _onednn_linear_op = torch.ops.autoquant.cpu_onednn_linear.default
 _fbgemm_fp16_op = torch.ops.autoquant.cpu_fbgemm_fp16_linear.default
@@ -351,6 +385,9 @@ _int4pack_op = torch.ops.autoquant.cpu_int4pack_mm.default
 
 
 def _out(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    # Every fake impl comes here: the first trace of one of these ops (torch.compile, torch.export)
+    # is when the C++ kernels are worth having; tried once per process (see _cpu_native).
+    _cpu_native.load()
     return x.new_empty((x.shape[0], n), dtype=dtype)
 
 
