@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'kernel':46s} {'raw us':>8s} {'layer us':>9s} {'overhead us':>12s} {'IQR':>6s} {'x nn.Linear':>12s}")
     ref = rows[0][3]
     worst = worst_label = None
-    for label, raw_us, layer_us, over_us, iqr_us in rows:
-        if label != rows[0][0] and (worst is None or over_us > worst):
-            worst, worst_label = over_us, label
-        print(f"{label:46s} {raw_us:8.2f} {layer_us:9.2f} {over_us:12.2f} {iqr_us:6.2f} {over_us / ref:11.2f}x")
+    for name, raw_us, layer_us, over_us, iqr_us in rows:
+        if name != rows[0][0] and (worst is None or over_us > worst):
+            worst, worst_label = over_us, name
+        print(f"{name:46s} {raw_us:8.2f} {layer_us:9.2f} {over_us:12.2f} {iqr_us:6.2f} {over_us / ref:11.2f}x")
     print(f"worst overhead {worst:.2f} us ({worst_label}; target <= {TARGET_US} us); "
           f"nn.Linear's own: {ref:.2f} us")
     return 0

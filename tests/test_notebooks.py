@@ -1,6 +1,5 @@
 """The notebooks execute top to bottom on small sizes, so they never rot."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,7 @@ from torch import nn
 
 import autoquant as aq
 from autoquant import FakeTimer, CountingTimer, MemoryStore, autoquant
-from autoquant.candidates import QuantizedLinear, default_candidates, get_family
+from autoquant.candidates import QuantizedLinear, default_candidates
 from autoquant.finalize import DispatchLinear
 from autoquant.keys import Timed
 from autoquant.subclass import AutoQuantizableLinearWeight
