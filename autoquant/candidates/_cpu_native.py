@@ -7,13 +7,15 @@ C++ kernel instead of its Python body, with the same result bit for bit (the sam
 oneDNN call on the same prepacked handle, which ``PrepackCache`` still owns). Reason: a compiled
 or exported graph calls these ops once per layer call, and each call into a Python body costs
 microseconds, more than fbgemm's int8 kernel at M=1 (benchmarks/results/
-compile_cpu_amd-epyc-2core.txt, "python op bodies" vs the default). Eager calls do not
-use it (they call the C++ kernels from closures already).
+compile_cpu_amd-epyc-2core.txt, "python op bodies" vs the default). Eager layers do not use
+the ops (their closures call fbgemm / oneDNN directly).
 
-It is tried once per process, the first time one of these ops is traced (``torch.compile``,
-``torch.export``: their fake impls call :func:`load`), where inductor itself needs the same C++
-compiler. It never fails a model: without a compiler, or when the build fails, one warning says
-so and the Python bodies serve. ``AUTOQUANT_NATIVE_OPS=0`` skips it.
+It is tried once per process: the first time one of these ops is traced (``torch.compile``,
+``torch.export``: their fake impls call :func:`load`; inductor needs the same C++ compiler), or
+called through the dispatcher (a loaded exported program: its first call runs the Python
+bodies). Eager layers never trigger it, so tuning is never held up by a build. It never fails a
+model: where the build fails (no compiler, no ninja), one warning says so and the Python bodies
+serve. ``AUTOQUANT_NATIVE_OPS=0`` skips it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV", "KINDS", "load", "loaded", "stats"]
+__all__ = ["ENV", "KINDS", "STATE", "load", "loaded", "stats"]
 
 ENV = "AUTOQUANT_NATIVE_OPS"
 # PrepackCache's kinds, numbered as _cpu_ops.cpp's `Kind`.
@@ -34,24 +36,25 @@ KINDS = {"onednn": 0, "fbgemm_fp16": 1, "fbgemm_int8": 2, "onednn_int8": 3, "int
 _SOURCE = Path(__file__).with_name("_cpu_ops.cpp")
 
 _lock = threading.Lock()
-_state: dict[str, bool | None] = {"loaded": None}  # None: not tried in this process
+# None: not tried in this process. A dict, not a function: the Python kernels read it per call.
+STATE: dict[str, bool | None] = {"loaded": None}
 
 
 def loaded() -> bool:
     """Whether the C++ kernels serve the ops in this process."""
-    return bool(_state["loaded"])
+    return bool(STATE["loaded"])
 
 
 def load() -> bool:
     """Build (or find built) and load the C++ kernels; False, with one warning, where that fails.
 
     Only tried once per process: a second call returns the first one's answer at once."""
-    if _state["loaded"] is not None:
-        return bool(_state["loaded"])
+    if STATE["loaded"] is not None:
+        return bool(STATE["loaded"])
     with _lock:
-        if _state["loaded"] is None:
-            _state["loaded"] = _build_and_load()
-    return bool(_state["loaded"])
+        if STATE["loaded"] is None:
+            STATE["loaded"] = _build_and_load()
+    return bool(STATE["loaded"])
 
 
 def _build_and_load() -> bool:
@@ -73,8 +76,9 @@ def _build_and_load() -> bool:
         warnings.warn(
             f"autoquant could not build its C++ CPU kernels ({first[:300]}); compiled and exported "
             "models call the Python op bodies instead, a few microseconds more per layer call. "
-            f"A C++ compiler (the one torch.compile's inductor uses) fixes it; {ENV}=0 skips the "
-            "attempt.", RuntimeWarning, stacklevel=3)
+            "The build needs a C++ compiler (the one torch.compile's inductor uses) and ninja on "
+            f"PATH (pip install ninja), as any torch C++ extension does; {ENV}=0 skips the attempt.",
+            RuntimeWarning, stacklevel=3)
         return False
     return True
 

@@ -354,9 +354,26 @@ _SCHEMAS = {
     "cpu_int4pack_mm": ("(Tensor x, Tensor w_int4, Tensor scales_and_zeros, SymInt group_size) -> Tensor",
                         _int4pack_impl),
 }
+
+
+def _registered(body: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`body` as the op's registered kernel: its first call in a process also tries to load the C++
+    kernels, so that a graph nothing traced here (a ``torch.export.load``-ed program) gets them
+    from its second call on, as a traced one does. Eager layers call the bodies directly, never
+    this (no build while tuning); once the C++ kernels load, the CPU key no longer comes here."""
+    def kernel(*args: Any) -> Tensor:
+        if _native_state["loaded"] is None:
+            _cpu_native.load()
+        return body(*args)
+
+    kernel.__name__ = body.__name__
+    return kernel
+
+
+_native_state = _cpu_native.STATE
 for _name, (_schema, _impl) in _SCHEMAS.items():
     _LIB.define(_name + _schema)
-    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    _LIB.impl(_name, _registered(_impl), "CompositeExplicitAutograd")
 
 # What the C++ kernels (_cpu_ops.cpp) call when their mirror of PrepackCache misses: get or build
 # the handle here (PrepackCache stays the one owner: its builds, bytes and finalizers) and mirror it.

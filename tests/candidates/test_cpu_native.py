@@ -214,6 +214,45 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     assert "RuntimeWarning" in warnings[0] and "AUTOQUANT_NATIVE_OPS=0" in warnings[0]
 
 
+_SAVE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from autoquant.candidates import Int8Dynamic, Int4WeightOnly
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(Int8Dynamic("fbgemm").build(torch.randn(32, 64, generator=g), None),
+                                Int4WeightOnly("tinygemm_cpu", 32).build(torch.randn(16, 32, generator=g), None))
+    x = torch.randn(3, 64, generator=g)
+    torch.export.save(torch.export.export(model, (x,)), sys.argv[1])
+    with torch.no_grad():
+        save_file({"x": x, "y": model(x)}, sys.argv[2])
+""")
+_LOAD_AND_RUN = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file
+    from autoquant.candidates import _cpu_native
+    io = load_file(sys.argv[2])
+    program = torch.export.load(sys.argv[1]).module()
+    with torch.no_grad():
+        outs = [program(io["x"]) for _ in range(3)]
+    assert all(torch.equal(y, io["y"]) for y in outs)
+    dump = torch._C._dispatch_dump("autoquant::cpu_fbgemm_int8_linear")
+    print("LOADED", _cpu_native.loaded(), "CPP", "_cpu_ops.cpp" in dump, "MISSES", _cpu_native.stats()[1])
+""")
+
+
+def test_a_loaded_exported_program_gets_the_cpp_kernels(tmp_path):
+    """A process that only loads and runs an exported program traces nothing: its first op call
+    (the Python body) loads the C++ kernels, which serve the calls after it, with the same bits."""
+    files = [str(tmp_path / "program.pt2"), str(tmp_path / "io.safetensors")]
+    for code in (_SAVE, _LOAD_AND_RUN):
+        out = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    # The first call's fbgemm op loaded the C++ kernels, then ran its Python body, whose new handle
+    # went to the mirror at once; the int4 op after it was a C++ kernel's first call (one miss);
+    # the two calls after that asked nothing.
+    assert "LOADED True CPP True MISSES 1" in out.stdout, out.stdout
+
+
 def test_gc_of_a_layer_frees_its_mirror_entries():
     gc.collect()
     entries, _ = native.stats()
