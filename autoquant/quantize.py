@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .candidates import Candidate, candidate_from_json, default_candidates, get_family
-from .config import CostModel
+from .config import CostModel, check_deployment
 from .hardware import environment
 from .keys import BenchKey, OpShape, Timed, dtype_name
 from .layers import build_layer, copy_hooks, replace_module, select_layers
@@ -57,11 +57,16 @@ def _options(scheme: str | Candidate, params: dict[str, Any], device: torch.devi
 
 
 def _from_cache(store: Any, env_hash: str, runnable: list[Candidate], op: OpShape,
-                device: str = "cpu") -> Candidate | None:
+                device: str = "cpu", deployment: str = "eager") -> Candidate | None:
     """The cached fastest of `runnable` on `op`. Figures of one timed path are compared: on CUDA
-    the eager calls a quantized model makes (``Timed.EAGER``), else, where the cache has none,
-    graph replays (FULL); on a CPU, FULL (an eager call there)."""
-    parts = (Timed.EAGER, Timed.FULL) if device == "cuda" else (Timed.FULL,)
+    with `deployment` "eager", the eager calls a quantized model makes (``Timed.EAGER``), else,
+    where the cache has none, graph replays (FULL); with "graphs", graph replays only (what a
+    captured or reduce-overhead-compiled model runs: eager figures would favour kernels with less
+    host work); on a CPU, FULL (an eager call there)."""
+    if device != "cuda":
+        parts: tuple[Timed, ...] = (Timed.FULL,)
+    else:
+        parts = (Timed.EAGER, Timed.FULL) if deployment == "eager" else (Timed.FULL,)
     for part in parts:
         keys = {c: BenchKey(env_hash, c.family, c.params_json(), c.version, op, part) for c in runnable}
         found = store.get_many(keys.values()) if keys else {}
@@ -78,6 +83,7 @@ def quantize(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     cache: Any = DEFAULT_CACHE,
     m: int = 1,
+    deployment: str = "eager",
     **params: Any,
 ) -> nn.Module:
     """Put `scheme` (a family name such as "int8_dynamic", or a Candidate) on every nn.Linear
@@ -86,9 +92,13 @@ def quantize(
     - `params`: the family's params (``group_size=64``, ``kernel="onednn"``, ...); validated.
     - `cache`: where to look up kernel timings (a path, URL, Store, or None for the rule only).
     - `m`: rows per call the cached timings are read at (1: token-by-token decoding).
+    - `deployment`: as for ``autoquant()``: on a GPU, "eager" reads the eager-call figures, "graphs"
+      the CUDA-graph replays (a model you capture or compile with mode="reduce-overhead"). No
+      effect on a CPU.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    check_deployment(deployment)
     root = _root(model)
     if hasattr(root, _SESSION_ATTR) or hasattr(root, _REPORT_ATTR):
         raise RuntimeError("this model was already given to autoquant / quantize: start from the float model")
@@ -113,7 +123,8 @@ def quantize(
         reasons = {c: c.supports(w.device, op) for c in options}
         runnable = [c for c, r in reasons.items() if r is None]
         plan = LayerPlan(name=name, ops={}, status="")
-        chosen = _from_cache(store, envs[w.device].hash, runnable, op, w.device.type) if store is not None else None
+        chosen = (_from_cache(store, envs[w.device].hash, runnable, op, w.device.type, deployment)
+                  if store is not None else None)
         if chosen is not None:
             plan.status = f"quantized: fastest cached {chosen.family} kernel at M={m}"
         elif runnable:

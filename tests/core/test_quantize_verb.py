@@ -100,3 +100,24 @@ def test_save_load_and_compile_like_autoquant(tmp_path):
         want = model(x)
         assert torch.equal(loaded(x), want)
         assert torch.equal(compiled(x), want)
+
+
+def test_deployment_picks_which_cuda_figures_decide():
+    """On a GPU the cache holds two figures per kernel: eager calls (host work included) and graph
+    replays. With two CUDA kernels whose order flips between them, "eager" follows the eager
+    figures, "graphs" the replays, and a CPU reads its one figure whatever is asked. (The store
+    and keys are real; the device string is what a CUDA layer would pass.)"""
+    from autoquant.quantize import _from_cache
+
+    store = MemoryStore()
+    env = environment(torch.device("cpu"))  # any environment row: the hash is the key's only use
+    op = OpShape(1, 64, 96, True, "bfloat16")
+    a, b = Int8Dynamic("int_mm"), Int8Dynamic("triton")
+    figures = {(a, Timed.EAGER): 30e-6, (b, Timed.EAGER): 60e-6, (a, Timed.FULL): 20e-6, (b, Timed.FULL): 8e-6}
+    store.put_many(env, {BenchKey(env.hash, c.family, c.params_json(), c.version, op, part): Measurement(s, s, s, 5)
+                         for (c, part), s in figures.items()})
+    assert _from_cache(store, env.hash, [a, b], op, "cuda", "eager") == a
+    assert _from_cache(store, env.hash, [a, b], op, "cuda", "graphs") == b
+    assert _from_cache(store, env.hash, [a, b], op, "cpu", "eager") == b  # FULL is a CPU's eager call
+    with pytest.raises(ValueError, match="'graphs'"):
+        autoquant.quantize(_mlp(), "int8_dynamic", cache=None, deployment="cuda-graphs")
