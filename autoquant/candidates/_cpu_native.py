@@ -1,9 +1,8 @@
 """C++ kernels for the CPU ops of ``_cpu_ops`` (``_cpu_ops.cpp``), built on first use.
 
 Contract: :func:`load` compiles ``_cpu_ops.cpp`` against the running torch (once per machine and
-torch version: torch's extension cache keeps the library, ``TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``) and loads it; from then on each ``autoquant::cpu_*`` op runs its
-C++ kernel instead of its Python body, with the same result bit for bit (the same ATen / fbgemm /
+torch version, kept in :func:`build_directory`) and loads it; from then on each
+``autoquant::cpu_*`` op runs its C++ kernel instead of its Python body, with the same result bit for bit (the same ATen / fbgemm /
 oneDNN call on the same prepacked handle, which ``PrepackCache`` still owns). Reason: a compiled
 or exported graph calls these ops once per layer call, and each call into a Python body costs
 microseconds, more than fbgemm's int8 kernel at M=1 (benchmarks/results/
@@ -20,20 +19,25 @@ serve. ``AUTOQUANT_NATIVE_OPS=0`` skips it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["ENV", "KINDS", "STATE", "load", "loaded", "stats"]
+__all__ = ["ENV", "KINDS", "STALE_LOCK_S", "STATE", "build_directory", "load", "loaded", "stats"]
+
+log = logging.getLogger(__name__)
 
 ENV = "AUTOQUANT_NATIVE_OPS"
 # PrepackCache's kinds, numbered as _cpu_ops.cpp's `Kind`.
 KINDS = {"onednn": 0, "fbgemm_fp16": 1, "fbgemm_int8": 2, "onednn_int8": 3, "int4pack": 4}
 _SOURCE = Path(__file__).with_name("_cpu_ops.cpp")
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build (one takes ~10 s)
 
 _lock = threading.Lock()
 # None: not tried in this process. A dict, not a function: the Python kernels read it per call.
@@ -57,20 +61,43 @@ def load() -> bool:
     return bool(STATE["loaded"])
 
 
+def build_directory() -> Path:
+    """Where the library is built and kept: ``$TORCH_EXTENSIONS_DIR/<name>`` (torch's own setting
+    for extension builds) or autoquant's cache folder ``<user cache>/autoquant/cpp/<name>``, the
+    name carrying the torch version: a library built against another torch's headers must never
+    be loaded."""
+    import platformdirs  # noqa: PLC0415 - first use only
+
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(platformdirs.user_cache_dir("autoquant")) / "cpp")
+    return Path(base) / ("autoquant_cpu_ops_" + re.sub(r"\W", "_", torch.__version__))
+
+
+def _remove_stale_lock(folder: Path) -> None:
+    """torch's extension build holds ``<folder>/lock`` while it builds and waits, forever, while
+    that file exists: a build killed midway (SIGKILL, a lost machine) would hang every later
+    compile. A build takes seconds; a lock older than STALE_LOCK_S is such a leftover."""
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s: left %.0f s ago by a C++ kernel build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def _build_and_load() -> bool:
     if os.environ.get(ENV, "1").strip() == "0":
         return False
     from torch.utils.cpp_extension import load as load_extension  # noqa: PLC0415 - first use only
 
-    # One library per torch version: they share the extension folder, and a library built against
-    # another torch's headers must never be loaded.
-    name = "autoquant_cpu_ops_" + re.sub(r"\W", "_", torch.__version__)
+    started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            # Its kernels take over the CPU key from the Python kernels on purpose.
-            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
-            load_extension(name=name, sources=[str(_SOURCE)], extra_cflags=["-O2"],
-                           is_python_module=False, verbose=False)
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(folder)
+        load_extension(name=folder.name, sources=[str(_SOURCE)], extra_cflags=["-O2"],
+                       build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - a missing compiler, a failed build: fall back, say so
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         warnings.warn(
@@ -80,6 +107,7 @@ def _build_and_load() -> bool:
             f"PATH (pip install ninja), as any torch C++ extension does; {ENV}=0 skips the attempt.",
             RuntimeWarning, stacklevel=3)
         return False
+    log.info("C++ CPU kernels loaded from %s in %.1f s", folder, time.perf_counter() - started)
     return True
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 
 import pytest
@@ -212,6 +213,31 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, out  # tried once per process, two exports
     assert "RuntimeWarning" in warnings[0] and "AUTOQUANT_NATIVE_OPS=0" in warnings[0]
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
+    """torch waits on its build lock for as long as the file exists; a killed build leaves it.
+    A fresh lock is someone's build in progress and stays; an old one is removed and logged."""
+    folder = tmp_path / "ext" / native.build_directory().name
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.write_text("")
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    code = ("import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+            "from autoquant.candidates import _cpu_native as n\n"
+            "print('LOADED', n.load(), n.build_directory())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"LOADED True {folder}" in out.stdout
+    assert "left" in out.stderr and "did not finish" in out.stderr, out.stderr
+    assert not lock.exists()
+    # A fresh lock is a build in progress: left alone (here nothing would release it, so only the
+    # decision is checked, not a load that would wait for it).
+    lock.write_text("")
+    native._remove_stale_lock(folder)
+    assert lock.exists()
 
 
 _SAVE = textwrap.dedent("""
