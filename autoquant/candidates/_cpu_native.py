@@ -72,10 +72,22 @@ def build_directory() -> Path:
     return Path(base) / ("autoquant_cpu_ops_" + re.sub(r"\W", "_", torch.__version__))
 
 
+def _waits_on_lock_files() -> bool:
+    """Whether this torch's extension build waits on the mere existence of ``<folder>/lock``
+    (``FileBaton``: torch 2.11-2.13). Newer ones hold an OS advisory lock on that file (which
+    dies with its process, and whose file stays after a normal build): never to be removed."""
+    import torch.utils.cpp_extension as cpp_extension  # noqa: PLC0415 - first use only
+
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
 def _remove_stale_lock(folder: Path) -> None:
-    """torch's extension build holds ``<folder>/lock`` while it builds and waits, forever, while
-    that file exists: a build killed midway (SIGKILL, a lost machine) would hang every later
-    compile. A build takes seconds; a lock older than STALE_LOCK_S is such a leftover."""
+    """torch's extension build (where it uses lock files, see _waits_on_lock_files) holds
+    ``<folder>/lock`` while it builds and waits, forever, while that file exists: a build killed
+    midway (SIGKILL, a lost machine) would hang every later compile. A build takes seconds; a
+    lock older than STALE_LOCK_S is such a leftover."""
+    if not _waits_on_lock_files():
+        return
     lock = folder / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
