@@ -145,9 +145,7 @@ def _python_bodied_ops() -> dict[str, Any]:
             real = getattr(torch.ops.autoquant, name).default
             fake = torch._library.simple_registry.singleton.find(real.name()).fake_impl.kernel
             torch.library.register_fake(f"aqbench_py::{name}", fake, lib=_PY_LIB)
-            glob = {"cpu_onednn_linear": "_onednn_linear_op", "cpu_fbgemm_fp16_linear": "_fbgemm_fp16_op",
-                    "cpu_fbgemm_int8_linear": "_fbgemm_int8_op", "cpu_onednn_qlinear": "_onednn_qlinear_op",
-                    "cpu_int4pack_mm": "_int4pack_op"}[name]
+            [glob] = [g for g, v in vars(ops).items() if v is real]  # e.g. _fbgemm_int8_op
             _PY_OPS[glob] = getattr(torch.ops.aqbench_py, name).default
     return _PY_OPS
 

@@ -2,8 +2,9 @@
 
 Contract: :func:`load` compiles ``_cpu_ops.cpp`` against the running torch (once per machine and
 torch version, kept in :func:`build_directory`) and loads it; from then on each
-``autoquant::cpu_*`` op runs its C++ kernel instead of its Python body, with the same result bit for bit (the same ATen / fbgemm /
-oneDNN call on the same prepacked handle, which ``PrepackCache`` still owns). Reason: a compiled
+``autoquant::cpu_*`` op runs its C++ kernel instead of its Python body, with the same result bit
+for bit (the same ATen / fbgemm / oneDNN call on the same prepacked handle, which
+``PrepackCache`` still owns). Reason: a compiled
 or exported graph calls these ops once per layer call, and each call into a Python body costs
 microseconds, more than fbgemm's int8 kernel at M=1 (benchmarks/results/
 compile_cpu_amd-epyc-2core.txt, "python op bodies" vs the default). Eager layers do not use
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV", "KINDS", "STALE_LOCK_S", "STATE", "build_directory", "load", "loaded", "stats"]
+__all__ = ["ENV", "KINDS", "STALE_LOCK_S", "build_directory", "load", "loaded", "stats"]
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +41,24 @@ _SOURCE = Path(__file__).with_name("_cpu_ops.cpp")
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build (one takes ~10 s)
 
 _lock = threading.Lock()
-# None: not tried in this process. A dict, not a function: the Python kernels read it per call.
-STATE: dict[str, bool | None] = {"loaded": None}
+_state: dict[str, bool | None] = {"loaded": None}  # None: not tried in this process
 
 
 def loaded() -> bool:
     """Whether the C++ kernels serve the ops in this process."""
-    return bool(STATE["loaded"])
+    return bool(_state["loaded"])
 
 
 def load() -> bool:
     """Build (or find built) and load the C++ kernels; False, with one warning, where that fails.
 
     Only tried once per process: a second call returns the first one's answer at once."""
-    if STATE["loaded"] is not None:
-        return bool(STATE["loaded"])
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
     with _lock:
-        if STATE["loaded"] is None:
-            STATE["loaded"] = _build_and_load()
-    return bool(STATE["loaded"])
+        if _state["loaded"] is None:
+            _state["loaded"] = _build_and_load()
+    return bool(_state["loaded"])
 
 
 def build_directory() -> Path:

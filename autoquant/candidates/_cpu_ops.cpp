@@ -119,7 +119,9 @@ c10::IValue handle_for(Kind kind, std::initializer_list<const at::Tensor*> sourc
   return std::move(*h);
 }
 
-at::Tensor first_tensor(std::vector<c10::IValue>& stack) {
+// `kernel` on the boxed arguments `stack`; its one output.
+at::Tensor call(const c10::OperatorHandle& kernel, std::vector<c10::IValue> stack) {
+  kernel.callBoxed(&stack);
   return std::move(stack[0]).toTensor();
 }
 
@@ -131,26 +133,20 @@ c10::IValue no_scalars() {
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   static const c10::OperatorHandle kernel = op("mkldnn::_linear_pointwise", "");
   c10::IValue h = handle_for(ONEDNN, {&w});
-  std::vector<c10::IValue> stack{x, std::move(h), bias, c10::IValue("none"), no_scalars(), c10::IValue("")};
-  kernel.callBoxed(&stack);
-  return first_tensor(stack);
+  return call(kernel, {x, std::move(h), bias, c10::IValue("none"), no_scalars(), c10::IValue("")});
 }
 
 at::Tensor fbgemm_fp16_linear(const at::Tensor& x, const at::Tensor& w) {
   static const c10::OperatorHandle kernel = op("quantized::linear_dynamic_fp16", "");
   c10::IValue h = handle_for(FBGEMM_FP16, {&w});
-  std::vector<c10::IValue> stack{x, std::move(h)};
-  kernel.callBoxed(&stack);
-  return first_tensor(stack);
+  return call(kernel, {x, std::move(h)});
 }
 
 at::Tensor fbgemm_int8_linear(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& w_scale) {
   static const c10::OperatorHandle kernel = op("quantized::linear_dynamic", "");
   c10::IValue h = handle_for(FBGEMM_INT8, {&w_int8, &w_scale});
   // reduce_range=true: 7-bit activation codes, as the Python body (see int8_dynamic.py).
-  std::vector<c10::IValue> stack{x, std::move(h), c10::IValue(true)};
-  kernel.callBoxed(&stack);
-  return first_tensor(stack);
+  return call(kernel, {x, std::move(h), c10::IValue(true)});
 }
 
 at::Tensor onednn_qlinear(const at::Tensor& x_u8, c10::SymInt x_zero_point, const at::Tensor& w_int8,
@@ -159,30 +155,17 @@ at::Tensor onednn_qlinear(const at::Tensor& x_u8, c10::SymInt x_zero_point, cons
   c10::IValue h = handle_for(ONEDNN_INT8, {&w_int8, &w_scale});
   auto parts = h.toTuple();
   // x_scale 1.0: the caller applies the per-token scales after (see int8_dynamic.py).
-  std::vector<c10::IValue> stack{x_u8,
-                                 c10::IValue(1.0),
-                                 c10::IValue(x_zero_point.expect_int()),
-                                 parts->elements()[0],
-                                 w_scale,
-                                 parts->elements()[1],
-                                 c10::IValue(),
-                                 c10::IValue(1.0),
-                                 c10::IValue(static_cast<int64_t>(0)),
-                                 c10::IValue(static_cast<int64_t>(at::ScalarType::Float)),
-                                 c10::IValue("none"),
-                                 no_scalars(),
-                                 c10::IValue("")};
-  kernel.callBoxed(&stack);
-  return first_tensor(stack);
+  return call(kernel, {x_u8, c10::IValue(1.0), c10::IValue(x_zero_point.expect_int()), parts->elements()[0],
+                       w_scale, parts->elements()[1], c10::IValue(), c10::IValue(1.0),
+                       c10::IValue(static_cast<int64_t>(0)), c10::IValue(static_cast<int64_t>(at::ScalarType::Float)),
+                       c10::IValue("none"), no_scalars(), c10::IValue("")});
 }
 
 at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& w_int4, const at::Tensor& scales_and_zeros,
                        c10::SymInt group_size) {
   static const c10::OperatorHandle kernel = op("aten::_weight_int4pack_mm_for_cpu", "");
   c10::IValue h = handle_for(INT4PACK, {&w_int4});
-  std::vector<c10::IValue> stack{x, std::move(h), c10::IValue(group_size.expect_int()), scales_and_zeros};
-  kernel.callBoxed(&stack);
-  return first_tensor(stack);
+  return call(kernel, {x, std::move(h), c10::IValue(group_size.expect_int()), scales_and_zeros});
 }
 
 // ---- the mirror's upkeep, called by PrepackCache ---------------------------------------------

@@ -44,7 +44,7 @@ dispatcher's round trip into the Python body; under torch.compile / torch.export
 dispatch mode is active (fake tensors), they go through the registered op. Each op has two
 kernels: the Python body here (CompositeExplicitAutograd: it serves every device where nothing
 more specific is registered) and, once ``_cpu_native`` has built ``_cpu_ops.cpp`` (the first
-trace does it), a C++ kernel on the CPU key that does the same call without entering Python,
+trace or registered call does it), a C++ kernel on the CPU key that does the same call without entering Python,
 reading a mirror of this cache (``_native_put`` / ``_native_evict`` keep it in step).
 """
 
@@ -362,15 +362,13 @@ def _registered(body: Callable[..., Tensor]) -> Callable[..., Tensor]:
     from its second call on, as a traced one does. Eager layers call the bodies directly, never
     this (no build while tuning); once the C++ kernels load, the CPU key no longer comes here."""
     def kernel(*args: Any) -> Tensor:
-        if _native_state["loaded"] is None:
-            _cpu_native.load()
+        _cpu_native.load()  # tried once per process: later calls return at once
         return body(*args)
 
     kernel.__name__ = body.__name__
     return kernel
 
 
-_native_state = _cpu_native.STATE
 for _name, (_schema, _impl) in _SCHEMAS.items():
     _LIB.define(_name + _schema)
     _LIB.impl(_name, _registered(_impl), "CompositeExplicitAutograd")
