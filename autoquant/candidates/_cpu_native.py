@@ -111,7 +111,9 @@ def _build_and_load() -> bool:
         load_extension(name=folder.name, sources=[str(_SOURCE)], extra_cflags=["-O2"],
                        build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - a missing compiler, a failed build: fall back, say so
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        # A failed build's message starts with the compiler's command line: quote its first error.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "error:" in line), lines[0] if lines else type(exc).__name__)
         warnings.warn(
             f"autoquant could not build its C++ CPU kernels ({first[:300]}); compiled and exported "
             "models call the Python op bodies instead, a few microseconds more per layer call. "

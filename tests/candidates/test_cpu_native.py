@@ -215,6 +215,24 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     assert "RuntimeWarning" in warnings[0] and "AUTOQUANT_NATIVE_OPS=0" in warnings[0]
 
 
+def test_a_build_error_is_quoted_in_the_warning(tmp_path):
+    """The warning names what failed (the compiler's error), not the command line torch ran."""
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("#error autoquant test: this source does not compile\n")
+    code = ("import warnings; from pathlib import Path\n"
+            "from autoquant.candidates import _cpu_native as n\n"
+            f"n._SOURCE = Path({str(bad)!r})\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print('LOADED', n.load())\n"
+            "print('WARNING', [str(w.message) for w in caught])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED False" in out.stdout
+    assert "error: #error autoquant test: this source does not compile" in out.stdout, out.stdout
+
+
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
     """torch 2.11-2.13 wait on their build lock for as long as the file exists; a killed build
     leaves it. A fresh lock is someone's build in progress and stays; an old one is removed and
